@@ -1,0 +1,15 @@
+"""uvit-cog: U-ViT diffusion transformers with Cog Attention (attention weights that can be negative)."""
+
+from .attention import Attention, capture_attention, cog_attention, cog_attention_reference, cog_weights
+from .model import PRESETS, UViTModel, UViTModelOutput
+
+__all__ = [
+    "Attention",
+    "PRESETS",
+    "UViTModel",
+    "UViTModelOutput",
+    "capture_attention",
+    "cog_attention",
+    "cog_attention_reference",
+    "cog_weights",
+]

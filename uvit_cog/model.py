@@ -1,0 +1,334 @@
+"""U-ViT (Bao et al. 2022) as a diffusers model, with Cog attention in any chosen blocks (U-ViC).
+
+The architecture and parameter names follow the official `libs/uvit.py` (baofff/U-ViT) so that the
+released checkpoints load with a key-for-key copy: tokens are [label token, time token, patches]
+plus a learned position embedding; depth//2 in-blocks, a mid-block and depth//2 out-blocks that
+fuse the matching in-block's output through a long skip (Linear(2D→D) on the concatenation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from timm.layers import Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from .attention import ATTENTION_TYPES, Attention
+
+SOFTMAX_LAYER_CHOICES = ("first_last", "none", "all")
+
+# U-ViT's published sizes (Bao et al. 2022, Table 1). Dataset-specific arguments (sample_size,
+# patch_size, in_channels, num_classes, final_conv) are given as overrides or by the configs.
+PRESETS: dict[str, dict] = {
+    "uvit-small": dict(embed_dim=512, depth=12, num_heads=8),
+    "uvit-small-deep": dict(embed_dim=512, depth=16, num_heads=8),
+    "uvit-mid": dict(embed_dim=768, depth=16, num_heads=12),
+    "uvit-large": dict(embed_dim=1024, depth=20, num_heads=16),
+    "uvit-huge": dict(embed_dim=1152, depth=28, num_heads=16),
+}
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps, as in U-ViT and ADM."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens with one strided convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; out-blocks first fuse the long skip (U-ViT's `skip_linear`)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, attention_type: str, skip: bool
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attention_type=attention_type, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def resolve_softmax_layers(softmax_layers: str | Sequence[int], num_blocks: int) -> set[int]:
+    """Indices of the blocks (in-blocks, mid-block, out-blocks, in order) that use softmax attention."""
+    if isinstance(softmax_layers, str):
+        if softmax_layers == "first_last":
+            return {0, num_blocks - 1}
+        if softmax_layers == "none":
+            return set()
+        if softmax_layers == "all":
+            return set(range(num_blocks))
+        raise ValueError(
+            f"unknown softmax_layers {softmax_layers!r}; use one of {SOFTMAX_LAYER_CHOICES} or a list of "
+            f"block indices in [0, {num_blocks})"
+        )
+    indices = {int(i) for i in softmax_layers}
+    bad = sorted(i for i in indices if not 0 <= i < num_blocks)
+    if bad:
+        raise ValueError(f"softmax_layers {bad} out of range: this model has blocks 0..{num_blocks - 1}")
+    return indices
+
+
+@dataclass
+class UViTModelOutput(BaseOutput):
+    """The model's prediction (noise, velocity or sample, as the scheduler config defines), (B, C, H, W)."""
+
+    sample: Tensor
+
+
+class UViTModel(ModelMixin, ConfigMixin):
+    """U-ViT / U-ViC diffusion backbone.
+
+    `attention_type="cog"` gives U-ViC: Cog attention in every block except those in
+    `softmax_layers` (default: the first in-block and the last out-block, as in the paper).
+    `num_classes` counts the real classes; label `num_classes` is the null class used for
+    classifier-free guidance (the official code's `num_classes` counts it too: 1001 for ImageNet).
+
+    Example:
+        >>> model = UViTModel.from_preset("uvit-small", sample_size=32, patch_size=2)
+        >>> model(torch.randn(2, 3, 32, 32), 500).sample.shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 3,
+        embed_dim: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int = 0,
+        final_conv: bool = True,
+        attention_type: str = "cog",
+        softmax_layers: str | list[int] = "first_last",
+        id2label: Mapping[int | str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"unknown attention_type {attention_type!r}; choose one of {ATTENTION_TYPES}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if sample_size % patch_size != 0:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        if depth < 2 or depth % 2:
+            raise ValueError(f"depth must be an even number >= 2 (in-blocks + out-blocks), got {depth}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        if id2label is not None and len(id2label) != num_classes:
+            raise ValueError(f"id2label has {len(id2label)} names but the model has num_classes={num_classes}")
+
+        num_blocks = depth + 1
+        softmax_set = resolve_softmax_layers(softmax_layers, num_blocks)
+        types = ["softmax" if attention_type == "softmax" or i in softmax_set else "cog" for i in range(num_blocks)]
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        num_patches = (sample_size // patch_size) ** 2
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed
+            else nn.Identity()
+        )
+        self.extras = 1
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes + 1, embed_dim)
+            self.extras = 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
+
+        half = depth // 2
+        block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
+        self.in_blocks = nn.ModuleList(
+            [Block(**block, attention_type=types[i], skip=False) for i in range(half)]
+        )
+        self.mid_block = Block(**block, attention_type=types[half], skip=False)
+        self.out_blocks = nn.ModuleList(
+            [Block(**block, attention_type=types[half + 1 + i], skip=True) for i in range(half)]
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_channels)
+        self.final_layer = (
+            nn.Conv2d(in_channels, in_channels, 3, padding=1) if final_conv else nn.Identity()
+        )
+        self.gradient_checkpointing = False
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # U-ViT's initialisation; convolutions and embeddings keep PyTorch's defaults as there.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """All blocks in order: in-blocks, mid-block, out-blocks (the indexing of `softmax_layers`)."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
+    @property
+    def attention_types(self) -> list[str]:
+        """The attention type of each block, in `blocks` order."""
+        return [b.attn.attention_type for b in self.blocks]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> UViTModel:
+        """Build a published U-ViT size (`uvit-small`, …, `uvit-huge`), with any config field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_official_state_dict(cls, state_dict: Mapping[str, Tensor], **config) -> UViTModel:
+        """Load a state dict of the official U-ViT (`libs/uvit.py`), e.g. a released U-ViT or U-ViC checkpoint.
+
+        `config` holds this model's arguments (`num_classes` without the null class). Official
+        constructor names are accepted too (`img_size`, `in_chans`, `conv`, and `num_classes`
+        counting the null class, -1 for unconditional), so an official config dict can be passed as is.
+        Shapes are checked against the config; missing or unexpected tensors raise.
+        """
+        config = dict(config)
+        renames = {"img_size": "sample_size", "in_chans": "in_channels", "conv": "final_conv"}
+        official = any(key in config for key in renames)
+        for old, new in renames.items():
+            if old in config:
+                config[new] = config.pop(old)
+        for key in ("qk_scale", "use_checkpoint", "skip", "norm_layer"):
+            config.pop(key, None)
+        if official and "num_classes" in config:
+            config["num_classes"] = max(int(config["num_classes"]) - 1, 0)
+        model = cls(**config)
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                "(check num_classes, mlp_time_embed, final_conv/conv and depth)"
+            )
+        wrong = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+                 if tuple(state_dict[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"tensor shapes differ from the config (name, checkpoint, model): {wrong[:5]}")
+        model.load_state_dict(dict(state_dict))
+        return model
+
+    def _check_inputs(self, sample: Tensor, class_labels: Tensor | None) -> None:
+        cfg = self.config
+        if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"sample must be (B, {cfg.in_channels}, H, W) for this model, got {tuple(sample.shape)}"
+            )
+        if sample.shape[-2:] != (cfg.sample_size, cfg.sample_size):
+            raise ValueError(
+                f"sample is {tuple(sample.shape[-2:])} but the model was built for "
+                f"{cfg.sample_size}x{cfg.sample_size} (its position embedding is fixed)"
+            )
+        if class_labels is not None:
+            if cfg.num_classes == 0:
+                raise ValueError("class_labels given to an unconditional model (num_classes=0)")
+            # Data-dependent check: skipped while tracing (torch.compile) to keep the graph whole.
+            if not torch.compiler.is_compiling() and (
+                int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes
+            ):
+                raise ValueError(
+                    f"class label out of range: labels must be in [0, {cfg.num_classes}) or the null "
+                    f"label {cfg.num_classes}; got min {int(class_labels.min())}, max {int(class_labels.max())}"
+                )
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        class_labels: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UViTModelOutput | tuple[Tensor]:
+        """Predict from noisy `sample` (B, C, H, W) at `timestep` (number, 0-d or (B,) tensor).
+
+        `class_labels` (B,) ints in [0, num_classes], where `num_classes` is the null label; for a
+        class-conditional model a missing `class_labels` means unconditional (all null labels).
+        """
+        cfg = self.config
+        if cfg.num_classes > 0 and class_labels is None:
+            class_labels = torch.full((sample.shape[0],), cfg.num_classes, device=sample.device, dtype=torch.long)
+        self._check_inputs(sample, class_labels)
+        B = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(1).expand(B) if t.dim() == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"timestep must be a number, a 0-d tensor or a ({B},) tensor, got {tuple(t.shape)}")
+
+        x = self.patch_embed(sample)
+        time_token = self.time_embed(timestep_embedding(t, cfg.embed_dim).to(x.dtype)).unsqueeze(1)
+        tokens = [time_token, x]
+        if class_labels is not None:
+            tokens.insert(0, self.label_emb(class_labels).unsqueeze(1))
+        x = torch.cat(tokens, dim=1) + self.pos_embed
+
+        run = self._run_block
+        skips = []
+        for blk in self.in_blocks:
+            x = run(blk, x)
+            skips.append(x)
+        x = run(self.mid_block, x)
+        for blk in self.out_blocks:
+            x = run(blk, x, skips.pop())
+
+        x = self.decoder_pred(self.norm(x))[:, self.extras :, :]
+        p, c, h = cfg.patch_size, cfg.in_channels, cfg.sample_size // cfg.patch_size
+        # Tokens are (p1 p2 C) per patch, as U-ViT's einops unpatchify expects.
+        x = x.reshape(B, h, h, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, h * p, h * p)
+        x = self.final_layer(x)
+        return UViTModelOutput(sample=x) if return_dict else (x,)
+
+    def _run_block(self, blk: Block, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(blk, x, skip)
+        return blk(x, skip)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """The number of parameters, as the official U-ViT reports it."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["UViTModel", "UViTModelOutput", "PRESETS", "timestep_embedding", "resolve_softmax_layers", "num_parameters"]
