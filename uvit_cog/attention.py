@@ -42,27 +42,32 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Non
         )
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """float32 for half-precision inputs (scores and normalisation never run in fp16/bf16); float64 stays."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def cog_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """The (B, H, N, M) Cog weights `sign(s)·softmax(|s|)` in float32, for analysis and reference.
+    """The (B, H, N, M) Cog weights `sign(s)·softmax(|s|)` in float32 (or float64), for analysis and reference.
 
     Max-subtracted and masked after the absolute value; rows with no kept key are all zero.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(_upcast(q), _upcast(k).transpose(-2, -1)) * scale
     mag = s.abs()
     if attn_mask is not None:
         mag = mag.masked_fill(~attn_mask, float("-inf"))
     m = mag.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked row: avoid inf - inf
     e = torch.exp(mag - m)
-    a = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    a = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
     return torch.where(s < 0, -a, a)
 
 
 def softmax_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """The (B, H, N, M) softmax attention weights in float32, for analysis (SDPA never returns them)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(_upcast(q), _upcast(k).transpose(-2, -1)) * scale
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf"))
     return torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -80,7 +85,7 @@ def cog_attention_reference(
     w = cog_weights(q, k, attn_mask, scale)
     if dropout_p > 0.0:
         w = F.dropout(w, p=dropout_p)
-    return torch.matmul(w, v.float()).to(v.dtype)
+    return torch.matmul(w, _upcast(v)).to(v.dtype)
 
 
 class CogAttentionFunction(torch.autograd.Function):
@@ -94,7 +99,7 @@ class CogAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
         w = cog_weights(q, k, attn_mask, scale)
-        out = torch.matmul(w, v.float())
+        out = torch.matmul(w, _upcast(v))
         ctx.save_for_backward(q, k, v, w, out)
         ctx.scale = scale
         return out.to(v.dtype)
@@ -102,12 +107,12 @@ class CogAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, w, out = ctx.saved_tensors
-        do = grad_out.float()
+        do = _upcast(grad_out)
         delta = (do * out).sum(dim=-1, keepdim=True)
-        ds = w.abs() * torch.matmul(do, v.float().transpose(-2, -1)) - w * delta
+        ds = w.abs() * torch.matmul(do, _upcast(v).transpose(-2, -1)) - w * delta
         ds = ds * ctx.scale
-        dq = torch.matmul(ds, k.float()).to(q.dtype)
-        dk = torch.matmul(ds.transpose(-2, -1), q.float()).to(k.dtype)
+        dq = torch.matmul(ds, _upcast(k)).to(q.dtype)
+        dk = torch.matmul(ds.transpose(-2, -1), _upcast(q)).to(k.dtype)
         dv = torch.matmul(w.transpose(-2, -1), do).to(v.dtype)
         return dq, dk, dv, None, None
 

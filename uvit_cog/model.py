@@ -152,6 +152,11 @@ class UViTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
         if id2label is not None and len(id2label) != num_classes:
             raise ValueError(f"id2label has {len(id2label)} names but the model has num_classes={num_classes}")
+        if id2label is not None:
+            # JSON keys are strings: store them so, so that a saved and a fresh config compare equal.
+            self.register_to_config(id2label={str(k): str(v) for k, v in id2label.items()})
+        if not isinstance(softmax_layers, str):
+            self.register_to_config(softmax_layers=[int(i) for i in softmax_layers])  # e.g. a Hydra ListConfig
 
         num_blocks = depth + 1
         softmax_set = resolve_softmax_layers(softmax_layers, num_blocks)

@@ -1,0 +1,181 @@
+"""UViTModel: faithfulness to the official U-ViT, softmax-layer placement, presets, I/O and errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from uvit_cog import UViTModel
+from uvit_cog.model import PRESETS
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny(**overrides):
+    cfg = dict(sample_size=8, patch_size=2, in_channels=3, embed_dim=32, depth=4, num_heads=2)
+    return UViTModel(**{**cfg, **overrides})
+
+
+@pytest.mark.parametrize(
+    "softmax_layers,expected",
+    [
+        ("first_last", ["softmax"] + ["cog"] * 11 + ["softmax"]),
+        ("none", ["cog"] * 13),
+        ("all", ["softmax"] * 13),
+        ([1, 6, 12], ["cog", "softmax"] + ["cog"] * 4 + ["softmax"] + ["cog"] * 5 + ["softmax"]),
+    ],
+)
+def test_softmax_layer_placement(softmax_layers, expected):
+    with torch.device("meta"):
+        model = UViTModel(embed_dim=64, depth=12, num_heads=2, softmax_layers=softmax_layers)
+    assert model.attention_types == expected
+    assert model.mid_block is model.blocks[6]
+
+
+def test_softmax_model_has_no_cog_layer():
+    with torch.device("meta"):
+        model = UViTModel(embed_dim=64, depth=12, num_heads=2, attention_type="softmax", softmax_layers="none")
+    assert set(model.attention_types) == {"softmax"}
+
+
+def _official_to_ours(cfg):
+    names = {"img_size": "sample_size", "in_chans": "in_channels", "conv": "final_conv"}
+    out = {names.get(k, k): v for k, v in cfg.items()}
+    out["num_classes"] = max(out.get("num_classes", -1) - 1, 0)
+    return out
+
+
+@pytest.mark.parametrize("name", list(json.loads((REFERENCE / "uvit_official_presets.json").read_text())))
+def test_official_configurations_match_parameter_count_and_tensors(name):
+    ref = json.loads((REFERENCE / "uvit_official_presets.json").read_text())[name]
+    with torch.device("meta"):
+        model = UViTModel(**_official_to_ours(ref["config"]))
+    assert sum(p.numel() for p in model.parameters()) == ref["num_parameters"]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["state_dict_shapes"]
+
+
+def test_presets_build_published_sizes():
+    with torch.device("meta"):
+        small = UViTModel.from_preset("uvit-small", sample_size=32, patch_size=2)
+        huge = UViTModel.from_preset("uvit-huge", sample_size=32, patch_size=2, in_channels=4,
+                                     num_classes=1000, final_conv=False)
+    assert sum(p.numel() for p in small.parameters()) == 44_255_328
+    assert sum(p.numel() for p in huge.parameters()) == 500_832_016
+    assert set(PRESETS) == {"uvit-small", "uvit-small-deep", "uvit-mid", "uvit-large", "uvit-huge"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        UViTModel.from_preset("uvit-giant")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("attention_type,key", [("softmax", "out_softmax"), ("cog", "out_cog_first_last_softmax")])
+def test_official_fixtures_reproduced(index, attention_type, key):
+    fixture = torch.load(REFERENCE / "uvit_official_fixtures.pt", weights_only=True)[index]
+    model = UViTModel.from_official_state_dict(
+        fixture["state_dict"], **fixture["config"], attention_type=attention_type
+    ).eval()
+    with torch.no_grad():
+        out = model(fixture["x"], fixture["timesteps"], fixture["y"]).sample
+    torch.testing.assert_close(out, fixture[key], rtol=1e-5, atol=1e-5)
+
+
+def test_official_state_dict_mismatch_is_reported():
+    fixture = torch.load(REFERENCE / "uvit_official_fixtures.pt", weights_only=True)[0]
+    cfg = {**fixture["config"], "depth": 6}
+    with pytest.raises(ValueError, match="missing"):
+        UViTModel.from_official_state_dict(fixture["state_dict"], **cfg)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny(num_classes=3, softmax_layers=[0, 2], mlp_time_embed=True, id2label={0: "a", 1: "b", 2: "c"})
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = UViTModel.from_pretrained(tmp_path)
+    assert loaded.attention_types == model.attention_types
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert strip(loaded.config) == strip(model.config)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 10, y).sample, model(x, 10, y).sample, rtol=0, atol=0)
+
+
+def test_timestep_forms_agree():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(x, 250).sample
+        b = model(x, torch.tensor(250)).sample
+        c = model(x, torch.tensor([250, 250])).sample
+        d = model(x, torch.tensor([250.0, 10.0])).sample
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    assert not torch.allclose(a[1], d[1])
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randn(2, 3, 8, 8)
+    model(x, 5).sample.square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    model(x, 5).sample.square().mean().backward()
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(embed_dim=30, num_heads=4), "divisible by num_heads"),
+        (dict(sample_size=9), "divisible by patch_size"),
+        (dict(attention_type="linear"), "attention_type"),
+        (dict(softmax_layers="middle"), "softmax_layers"),
+        (dict(softmax_layers=[0, 99]), "out of range"),
+        (dict(depth=5), "even"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_bad_inputs_raise():
+    model = tiny(num_classes=4)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="class label out of range"):
+        model(x, 1, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(2, 4, 8, 8), 1)
+    with pytest.raises(ValueError, match="built for 8x8"):
+        model(torch.randn(2, 3, 16, 16), 1)
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny()(x, 1, torch.tensor([0, 1]))
+    # The null label (== num_classes) is valid: classifier-free guidance needs it.
+    assert model(x, 1, torch.tensor([4, 4])).sample.shape == x.shape
+
+
+def test_tiny_uvic_overfits_one_batch():
+    """A U-ViC denoiser fits one fixed batch of real MNIST digits: loss falls by at least 80%."""
+    torch.manual_seed(0)
+    digits = np.load(DATA / "mnist.npz")["x_train"][:16, ::2, ::2][:, :12, :12]  # 12x12 crops
+    x0 = torch.from_numpy(digits.astype(np.float32) / 127.5 - 1).unsqueeze(1)
+    model = UViTModel(sample_size=12, patch_size=2, in_channels=1, embed_dim=64, depth=4, num_heads=4)
+    assert model.attention_types.count("cog") == 3
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (16,))
+    alpha = torch.cos(t.float() / 1000 * torch.pi / 2).view(-1, 1, 1, 1)
+    xt = alpha * x0 + (1 - alpha**2).sqrt() * noise
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(200):
+        loss = (model(xt, t).sample - noise).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
