@@ -59,3 +59,30 @@ def test_render_attention_maps_writes_png(tmp_path):
     path = render_attention_maps(model, x0, 500, sched, tmp_path / "maps.png", query_tokens=[0, 5], blocks=[0, 2])
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_analyze_command_side_by_side(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from uvit_cog.pipeline import UViTPipeline
+
+    model, _, sched = _setup()
+    UViTPipeline(transformer=model, scheduler=sched).save_pretrained(tmp_path / "uvic")
+    softmax = UViTModel(**{**model.config, "attention_type": "softmax"})
+    UViTPipeline(transformer=softmax, scheduler=sched).save_pretrained(tmp_path / "uvit")
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", x_test=images)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "analyze.py"), f"models.uvit={tmp_path / 'uvit'}",
+         f"models.uvic={tmp_path / 'uvic'}", f"images={tmp_path / 'imgs.npz'}", "num_images=3",
+         "timesteps=[200]", f"out_dir={tmp_path / 'out'}"],
+        check=True, capture_output=True, cwd=root,
+    )
+    report = (tmp_path / "out" / "analysis.md").read_text()
+    assert "| block | uvit | uvic |" in report and "(cog)" in report
+    assert (tmp_path / "out" / "maps_uvit.png").is_file() and (tmp_path / "out" / "maps_uvic.png").is_file()
