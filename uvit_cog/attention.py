@@ -14,6 +14,7 @@ analysing attention maps.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -118,6 +119,11 @@ class CogAttentionFunction(torch.autograd.Function):
 
 
 def _default_impl(q: Tensor) -> str:
+    """Fused kernels where they exist: Triton on CUDA, the blocked CPU path on the CPU, else "torch"."""
+    if q.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    if q.device.type == "cpu":
+        return "cpu"
     return "torch"
 
 
@@ -162,7 +168,14 @@ def cog_attention(
         return cog_attention_reference(q, k, v, attn_mask, scale, dropout_p)
     if impl == "torch":
         return CogAttentionFunction.apply(q, k, v, attn_mask, scale)
-    raise ValueError(f"cog_attention: impl {impl!r} is not available in this build")
+    # The kernels are imported on first use so that `import uvit_cog` works without triton or a GPU.
+    if impl == "cpu":
+        from uvit_cog.kernels.cpu import cog_attention_cpu
+
+        return cog_attention_cpu(q, k, v, attn_mask, scale)
+    from uvit_cog.kernels.triton_cog import cog_attention_triton
+
+    return cog_attention_triton(q, k, v, attn_mask, scale)
 
 
 class AttentionCapture:

@@ -1,0 +1,324 @@
+"""Cog attention in Triton, flash-attention style: no N×M tensor is ever written to memory.
+
+Forward tiles over keys with a running max `m` and sum `l` of exp(|s| − m) and accumulates
+sign(s)·exp(|s| − m)·v, then stores O and the log-sum-exp of |s| per query row. Backward recomputes
+the scores tile by tile from that log-sum-exp:
+
+    p = exp(|s| − lse),  w = sign(s)·p,  Δ = rowsum(dO∘O),  dS = p∘(dO vᵀ) − w∘Δ,
+    dV = wᵀ dO,  dK = dSᵀ q · scale  (one program per key block, looping over queries),
+    dQ = dS k · scale                (one program per query block, looping over keys),
+
+so neither kernel needs atomics. Exponentials are base 2 (the score scale carries log2 e) and all
+statistics are float32. Sequence lengths need not be multiples of the block sizes and the head dim
+is padded to a power of two with masked loads. A boolean key mask is applied after the absolute value;
+rows with no kept key give zeros (lse = +inf makes their p vanish in backward).
+
+On a CUDA device the block sizes are autotuned; under `TRITON_INTERPRET=1` (CPU tensors, for tests)
+one fixed configuration is used because autotuning needs a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton import knobs
+
+INTERPRET = knobs.runtime.interpret
+AUTOTUNE = torch.cuda.is_available() and not INTERPRET
+FIXED_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # used without autotuning
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _tile_ptrs(base, b, h, stride_b, stride_h, stride_l, rows, dims):
+    """Pointers to the (rows, dims) tile of head (b, h) of a (B, H, L, D) tensor with unit stride on D."""
+    offset = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return base + offset + rows[:, None] * stride_l + dims[None, :]
+
+
+@triton.jit
+def _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK: tl.constexpr):
+    """(rows, cols) tile of kept scores: in bounds and, with a mask, not masked out."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_MASK:
+        offset = b.to(tl.int64) * smb + h.to(tl.int64) * smh
+        ptrs = Mask + offset + rows[:, None] * smn + cols[None, :] * smm
+        ok = ok & (tl.load(ptrs, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _scores(q, k, keep, qk_scale, PRECISION: tl.constexpr):
+    """Scores s (base-2 units) of a q tile against a k tile, and |s| with dropped entries at -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    return s, tl.where(keep, tl.abs(s), float("-inf"))
+
+
+@triton.jit
+def _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION: tl.constexpr):
+    """Signed weights w and score gradient dS of one (query, key) tile, recomputed from lse."""
+    s, mag = _scores(q, k, keep, qk_scale, PRECISION)
+    p = tl.exp2(mag - lse[:, None])
+    w = tl.where(s < 0, -p, p)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return w, p * dp - w * delta[:, None]
+
+
+@triton.jit
+def _cog_fwd(
+    Q, K, V, Mask, O, Lse, qk_scale,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, smb, smh, smn, smm, sob, soh, son,
+    H, N, M, D,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    q = tl.load(_tile_ptrs(Q, b, h, sqb, sqh, sqn, rows, dims), mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    # |s| >= 0, so 0 is a valid start for the running max; a row with no kept key keeps m = 0, l = 0.
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(_tile_ptrs(K, b, h, skb, skh, skn, cols, dims), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(V, b, h, svb, svh, svn, cols, dims), mask=kv_mask, other=0.0)
+        keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
+        s, mag = _scores(q, k, keep, qk_scale, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(mag, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(mag - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        w = tl.where(s < 0, -p, p)
+        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    kept = l_i > 0
+    l_safe = tl.where(kept, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = _tile_ptrs(O, b, h, sob, soh, son, rows, dims)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(Lse + bh * N + rows, tl.where(kept, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _cog_bwd_dkdv(
+    Q, K, V, DO, Mask, Lse, Delta, DK, DV, qk_scale, scale,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, smb, smh, smn, smm,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    H, N, M, D,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < M
+    dim_ok = dims < D
+    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(_tile_ptrs(K, b, h, skb, skh, skn, cols, dims), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(V, b, h, svb, svh, svn, cols, dims), mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(_tile_ptrs(Q, b, h, sqb, sqh, sqn, rows, dims), mask=q_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO, b, h, sdob, sdoh, sdon, rows, dims), mask=q_mask, other=0.0)
+        lse = tl.load(Lse + bh * N + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + bh * N + rows, mask=row_ok, other=0.0)
+        keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
+        w, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION)
+        dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(_tile_ptrs(DK, b, h, sdkb, sdkh, sdkn, cols, dims), (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(DV, b, h, sdvb, sdvh, sdvn, cols, dims), dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _cog_bwd_dq(
+    Q, K, V, DO, Mask, Lse, Delta, DQ, qk_scale, scale,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, smb, smh, smn, smm, sdqb, sdqh, sdqn,
+    H, N, M, D,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(_tile_ptrs(Q, b, h, sqb, sqh, sqn, rows, dims), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO, b, h, sdob, sdoh, sdon, rows, dims), mask=q_mask, other=0.0)
+    lse = tl.load(Lse + bh * N + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh * N + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(_tile_ptrs(K, b, h, skb, skh, skn, cols, dims), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(V, b, h, svb, svh, svn, cols, dims), mask=kv_mask, other=0.0)
+        keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
+        _, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(_tile_ptrs(DQ, b, h, sdqb, sdqh, sdqn, rows, dims), (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _configs(pairs: list[tuple[int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn in pairs
+        for warps, stages in ((4, 2), (8, 3))
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles too big for shared memory: float32 with full-precision dots holds 4-byte tiles."""
+    max_tile = 2048 if kwargs["PRECISION"] == "ieee" else 8192
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile]
+
+
+def _launcher(kernel, pairs: list[tuple[int, int]]):
+    """The kernel autotuned over block sizes on a GPU, or the plain kernel with FIXED_BLOCKS otherwise."""
+    if AUTOTUNE:
+        key = ["N", "M", "BLOCK_D", "HAS_MASK", "PRECISION"]
+        tuned = triton.autotune(_configs(pairs), key=key, prune_configs_by={"early_config_prune": _prune})
+        return tuned(kernel), {}
+    return kernel, FIXED_BLOCKS
+
+
+_Q_PAIRS = [(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)]  # (BLOCK_M, BLOCK_N), query-major kernels
+_FWD, _FWD_BLOCKS = _launcher(_cog_fwd, _Q_PAIRS)
+_DQ, _DQ_BLOCKS = _launcher(_cog_bwd_dq, _Q_PAIRS)
+_DKDV, _DKDV_BLOCKS = _launcher(_cog_bwd_dkdv, [(32, 32), (32, 64), (64, 64), (32, 128), (64, 128)])
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _on_device(x: Tensor):
+    """Launch kernels on x's GPU, which need not be the current one (nothing to do when interpreted)."""
+    return contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device)
+
+
+def _mask_args(attn_mask: Tensor | None, q: Tensor, shape: tuple[int, int, int, int]) -> tuple:
+    """(mask tensor, its 4 strides over (B, H, N, M)); expanded by strides, never materialised."""
+    if attn_mask is None:
+        return (q, 0, 0, 0, 0)
+    mask = attn_mask.expand(shape).view(torch.uint8)
+    return (mask, *mask.stride())
+
+
+def _meta(dtype: torch.dtype, head_dim: int, has_mask: bool) -> dict:
+    """Compile-time kernel arguments besides the block sizes."""
+    return {
+        "HAS_MASK": has_mask,
+        # Full float32 products for float32 inputs (tf32 would miss the 1e-4 tolerance).
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+    }
+
+
+class CogAttentionTriton(torch.autograd.Function):
+    """Fused Cog attention: saves q, k, v, O and the float32 row lse; backward in two Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        B, H, N, D = q.shape
+        M = k.shape[2]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+        mask = _mask_args(attn_mask, q, (B, H, N, M))
+        meta = _meta(q.dtype, D, attn_mask is not None)
+
+        def grid(kw):
+            return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
+
+        with _on_device(q):
+            _FWD[grid](
+                q, k, v, mask[0], out, lse, scale * math.log2(math.e),
+                *_strides(q), *_strides(k), *_strides(v), *mask[1:], *_strides(out),
+                H, N, M, D, **meta, **_FWD_BLOCKS,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        do = _unit_last(grad_out)
+        B, H, N, D = q.shape
+        M = k.shape[2]
+        delta = (do.float() * out.float()).sum(dim=-1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        mask = _mask_args(attn_mask, q, (B, H, N, M))
+        meta = _meta(q.dtype, D, attn_mask is not None)
+        scale = ctx.scale
+        common = (
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *mask[1:],
+        )  # fmt: skip
+
+        def grid_kv(kw):
+            return (triton.cdiv(M, kw["BLOCK_N"]), B * H)
+
+        def grid_q(kw):
+            return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
+
+        qk_scale = scale * math.log2(math.e)
+        with _on_device(q):
+            _DKDV[grid_kv](
+                q, k, v, do, mask[0], lse, delta, dk, dv, qk_scale, scale,
+                *common, *_strides(dk), *_strides(dv), H, N, M, D, **meta, **_DKDV_BLOCKS,
+            )  # fmt: skip
+            _DQ[grid_q](
+                q, k, v, do, mask[0], lse, delta, dq, qk_scale, scale,
+                *common, *_strides(dq), H, N, M, D, **meta, **_DQ_BLOCKS,
+            )  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def cog_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Fused Cog attention on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); see `uvit_cog.cog_attention`."""
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"impl='triton' needs q, k, v of one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"impl='triton' needs at least one query and one key, got N={q.shape[2]}, M={k.shape[2]}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"impl='triton' supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if not INTERPRET and q.device.type != "cuda":
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors, got {q.device}; use impl='cpu' on the CPU "
+            "(or set TRITON_INTERPRET=1 before importing uvit_cog.kernels.triton_cog to test the kernels)"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return CogAttentionTriton.apply(q, k, v, attn_mask, scale)

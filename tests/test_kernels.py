@@ -1,0 +1,245 @@
+"""Fused Cog attention kernels against the reference: Triton under the interpreter, the blocked CPU path.
+
+The Triton kernels run on CPU tensors through `TRITON_INTERPRET=1`. Triton reads that variable when
+it and the kernels are first imported, so those checks run once, all together, in a child process
+that imports this module with the variable set; each case is then asserted here on its own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import uvit_cog.kernels.cpu as cpu_kernels
+from uvit_cog.kernels import triton_cog
+from uvit_cog.kernels.cpu import cog_attention_cpu
+
+import uvit_cog.attention as attention
+from uvit_cog import Attention, cog_attention, cog_attention_reference
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+def make_inputs(N, M, D, dtype, mask_kind=None, H=2, magnitude=1.0, seed=0):
+    """q as a strided (B, N, H, D) view like Attention's, k and v contiguous, plus an optional bool mask."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(1, N, H, D, generator=g) * magnitude).to(dtype).transpose(1, 2)
+    k = (torch.randn(1, H, M, D, generator=g) * magnitude).to(dtype)
+    v = torch.randn(1, H, M, D, generator=g).to(dtype)
+    mask = None
+    if mask_kind == "keys":  # key padding, broadcast over heads and queries
+        mask = torch.arange(M).view(1, 1, 1, M) < max(1, M - M // 3)
+    elif mask_kind == "rows":  # per head and query, with one row that keeps no key
+        mask = torch.rand(1, H, N, M, generator=g) > 0.5
+        mask[0, 0, N // 2] = False
+    grad = torch.randn(1, H, N, D, generator=g).to(dtype)
+    return [t.requires_grad_() for t in (q, k, v)], mask, grad
+
+
+def error(got, want, tol, what, floor=1e-2):
+    """[what, max error, allowed error], or a failure string if got is not finite.
+
+    The error is relative to the largest reference value, or to `floor` where that is smaller.
+    """
+    got, want = got.detach().float(), want.detach().float()
+    if not torch.isfinite(got).all():
+        return f"{what}: non-finite values"
+    return [what, (got - want).abs().max().item(), tol * max(want.abs().max().item(), floor)]
+
+
+def assert_matches(checks):
+    for check in checks:
+        assert not isinstance(check, str), check
+        what, err, bound = check
+        assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def compare_to_reference(fn, N, M, D, dtype, mask_kind, magnitude=1.0, floor=1e-2):
+    """Errors of fn's output and dq, dk, dv against the reference, and whether the empty row is zero."""
+    (q, k, v), mask, grad = make_inputs(N, M, D, dtype, mask_kind, magnitude=magnitude)
+    out = fn(q, k, v, mask)
+    label = f"N={N} M={M} D={D} {dtype} mask={mask_kind} magnitude={magnitude}"
+    if out.dtype != dtype or out.shape != (1, 2, N, D):
+        return [f"{label}: output {out.dtype} {tuple(out.shape)}"]
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    ref = cog_attention_reference(q, k, v, mask)
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), grad))
+    names = ("out", "dq", "dk", "dv")
+    checks = [error(a, b, TOL[dtype], f"{name} {label}", floor) for name, a, b in zip(names, got, want, strict=True)]
+    if mask_kind == "rows" and not (torch.all(out[0, 0, N // 2] == 0) and torch.all(got[1][0, 0, N // 2] == 0)):
+        checks.append(f"{label}: the row with no kept key is not zero")
+    return checks
+
+
+CASES = [  # (N, M, D, dtype, mask): every N, M != N, every D, both masks, both dtypes, without a full product
+    (1, 1, 32, torch.float32, None),
+    (17, 17, 64, torch.float32, "rows"),
+    (65, 40, 72, torch.float32, "keys"),
+    (257, 130, 32, torch.float32, "rows"),
+    (1, 17, 72, torch.float16, "keys"),
+    (17, 65, 32, torch.float16, None),
+    (65, 65, 64, torch.float16, "rows"),
+    (257, 257, 72, torch.float16, None),
+]
+
+
+# q, k entries ~ 60 make |s| up to about 1e4 and the weights one-hot: dq and dk of the reference are
+# then ~0 and both sides carry rounding of dO·v − Δ, so errors are measured against 1 (the scale of
+# out and dv) rather than against max |dq|.
+LARGE = (33, 20, 32, torch.float32, "rows", 60.0, 1.0)
+TRITON_CASES = [(*case, 1.0) for case in CASES] + [LARGE]
+
+
+def triton_report() -> list:
+    """compare_to_reference for every Triton case; run in the interpreter child process."""
+    from uvit_cog.kernels.triton_cog import INTERPRET, cog_attention_triton
+
+    assert INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
+    return [compare_to_reference(cog_attention_triton, *case) for case in TRITON_CASES]
+
+
+@pytest.fixture(scope="module")
+def interpreted_checks():
+    script = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+    script += "import test_kernels; print(json.dumps(test_kernels.triton_report()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("index", range(len(TRITON_CASES)), ids=[str(c[:5]) for c in TRITON_CASES])
+def test_triton_matches_reference(interpreted_checks, index):
+    """Forward and dq, dk, dv of the Triton kernels (interpreted) against the reference."""
+    assert_matches(interpreted_checks[index])
+
+
+@pytest.mark.parametrize("N,M,D,dtype,mask_kind", CASES + [(65, 33, 64, torch.bfloat16, "rows")])
+def test_cpu_matches_reference(N, M, D, dtype, mask_kind):
+    assert_matches(compare_to_reference(cog_attention_cpu, N, M, D, dtype, mask_kind))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_large_scores_stay_finite(dtype):
+    """|s| up to about 1e4: outputs and gradients finite and equal to the reference, in every dtype."""
+    assert_matches(compare_to_reference(cog_attention_cpu, *LARGE[:3], dtype, *LARGE[4:]))
+
+
+@pytest.mark.parametrize("elements,heads_per_block,rows_per_block", [(130, 2, 9), (40, 1, 5)])
+def test_cpu_blocking_gradcheck(monkeypatch, elements, heads_per_block, rows_per_block):
+    """float64 gradcheck with blocks split over heads, and over query rows (dK, dV summed across blocks)."""
+    monkeypatch.setattr(cpu_kernels, "BLOCK_ELEMENTS", elements)
+    heads, rows = next(iter(cpu_kernels._blocks(3, 9, 7)))
+    assert (heads.stop - heads.start, rows.stop - rows.start) == (heads_per_block, rows_per_block)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 3, n, 4, generator=g, dtype=torch.float64).requires_grad_() for n in (9, 7, 7))
+    mask = torch.rand(1, 1, 9, 7, generator=g) > 0.3
+    mask[0, 0, 4] = False
+    assert torch.autograd.gradcheck(lambda q, k, v: cog_attention_cpu(q, k, v, mask, 0.7), (q, k, v))
+
+
+def test_cpu_memory_stays_linear_in_sequence_length():
+    """Forward+backward at N = 4096 grows peak RSS by far less than one N×N float32 matrix per head.
+
+    Measured in a fresh process (ru_maxrss is a high-water mark) with glibc returning freed blocks to
+    the system, so RSS follows live memory; the "torch" impl, which keeps the N×N weights for
+    backward, runs afterwards as a control that the measurement sees such matrices.
+    """
+    script = textwrap.dedent(
+        """
+        import json, resource, torch
+        from uvit_cog import cog_attention
+        torch.set_num_threads(1)
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        def grown(n, impl):
+            q, k, v = (torch.randn(1, 2, n, 64, requires_grad=True) for _ in range(3))
+            base = peak()
+            cog_attention(q, k, v, impl=impl).sum().backward()
+            return peak() - base
+
+        grown(256, "cpu")  # load kernels and thread pools first
+        grown(256, "torch")
+        print(json.dumps({"fused": grown(4096, "cpu"), "torch": grown(4096, "torch")}))
+        """
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    grown = json.loads(result.stdout.strip().splitlines()[-1])
+    nxn = 2 * 4096 * 4096 * 4  # one float32 N×N matrix per head: 64 MiB for each of the 2 heads
+    assert grown["fused"] < nxn / 4, grown
+    assert grown["torch"] > nxn, grown
+
+
+def test_dispatch_defaults_and_model_agrees_across_impls(monkeypatch):
+    """CPU tensors go to the CPU kernel; an Attention layer gives the same outputs and grads with any impl."""
+    x = torch.randn(2, 37, 64)
+    assert attention._default_impl(x) == "cpu"
+    layer = Attention(64, num_heads=4)
+    results = {}
+    for impl in ("reference", "torch", "cpu"):
+        monkeypatch.setattr(attention, "_default_impl", lambda q, impl=impl: impl)
+        layer.zero_grad()
+        out = layer(x)
+        out.square().sum().backward()
+        results[impl] = (out, layer.qkv.weight.grad.clone())
+    for impl in ("torch", "cpu"):
+        for got, want in zip(results[impl], results["reference"], strict=True):
+            assert_matches([error(got, want, 1e-4, impl)])
+
+
+def test_triton_impl_needs_cuda_tensors():
+    q = torch.randn(1, 1, 4, 16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            triton_cog.cog_attention_triton(q, q, q)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_cog.cog_attention_triton(q.double(), q.double(), q.double())
+
+
+def test_unknown_impl_and_cpu_kernel_on_other_device():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="unknown impl"):
+        cog_attention(q, q, q, impl="flash")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cog_attention_cpu(q.to("meta"), q.to("meta"), q.to("meta"))
+
+
+def test_triton_autotune_configs_fit():
+    """Autotuning keeps at least one config for every kernel and only small tiles for float32 dots."""
+    pairs = [(32, 32), (64, 64), (128, 64)]
+    configs = triton_cog._configs(pairs)
+    for precision in ("ieee", "tf32"):
+        kept = triton_cog._prune(configs, {}, PRECISION=precision)
+        assert kept
+        limit = 2048 if precision == "ieee" else 8192
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit for c in kept)
+    assert len(triton_cog._prune(configs, {}, PRECISION="ieee")) < len(configs)
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The GPU kernels (not only their interpreted semantics) compile to sm_90 code, without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    consts = {"HAS_MASK": True, "PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
+    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    for kernel in (triton_cog._cog_fwd, triton_cog._cog_bwd_dkdv, triton_cog._cog_bwd_dq):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = "*bf16"
+            elif name in ("Lse", "Delta"):
+                signature[name] = "*fp32"
+            elif name == "Mask":
+                signature[name] = "*u8"
+            else:
+                signature[name] = "fp32" if "scale" in name else "i32"
+        compiled = compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
