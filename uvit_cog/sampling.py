@@ -1,0 +1,212 @@
+"""Image grids and FID sample sets from a `UViTPipeline`, shared by `sample.py`, training and evaluation.
+
+Every image has an index and its own generator, seeded `seed + index` (CPU, so results do not depend
+on the device's RNG). A sample-set image first draws its class label from that generator, then its
+initial noise; a grid image's label is its row's class. An image therefore does not depend on the
+batch it was generated in, on the process count, or on resuming. This is exact for deterministic
+samplers and for the stochastic ones whose `step` takes a generator (DDPM, DDIM, Euler-a, SDE
+DPM-Solver), which then draw each image's step noise from its own generator; a sampler that draws step
+noise otherwise (e.g. a Brownian tree) is deterministic per seed only for a fixed batch composition.
+Floating-point results of a batched forward can still differ in the last bits between batch sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .pipeline import ClassLabel, UViTPipeline
+from .schedule import make_scheduler
+
+NPZ_NAME = "samples.npz"
+PARTS_DIR = ".parts"  # PNG store of an .npz-only sample set, removed once the .npz is written
+
+
+def index_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of image `index`: a CPU generator seeded `seed + index`."""
+    return torch.Generator("cpu").manual_seed(int(seed) + int(index))
+
+
+def with_scheduler(pipeline: UViTPipeline, scheduler: str | SchedulerMixin | None) -> UViTPipeline:
+    """`pipeline` sampling with another scheduler (a `SCHEDULERS` name built on its noise schedule, or an
+    instance); the components are shared, the given pipeline is left unchanged."""
+    if scheduler is None:
+        return pipeline
+    if isinstance(scheduler, str):
+        scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
+    swapped = UViTPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae)
+    swapped.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return swapped
+
+
+def generate_images(
+    pipeline: UViTPipeline,
+    generators: list[torch.Generator],
+    class_labels: list[int] | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> np.ndarray:
+    """One pipeline call, one image per generator: uint8 (N, H, W, C)."""
+    images = pipeline(
+        batch_size=len(generators),
+        class_labels=class_labels,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        output_type="np",
+    ).images
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def make_grid_image(images: Sequence[Image.Image] | np.ndarray, nrow: int, padding: int = 2) -> Image.Image:
+    """Tile images (PIL images or uint8 NHWC) into one image, `nrow` images per row (torchvision's meaning)."""
+    arr = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if len(arr) == 0 or nrow <= 0:
+        raise ValueError(f"make_grid_image needs at least one image and nrow >= 1, got {len(arr)} and {nrow}")
+    n, h, w, c = arr.shape
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for k, image in enumerate(arr):
+        r, col = divmod(k, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = image
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def grid_classes(pipeline: UViTPipeline, n: int, class_labels: Sequence[ClassLabel] | None = None) -> list[int] | None:
+    """The class of each grid row: the ones asked for, else `n` classes evenly spaced over all (all if fewer).
+
+    None for an unconditional model.
+    """
+    if class_labels is not None:
+        return pipeline.get_label_ids(class_labels)
+    if pipeline.num_classes == 0:
+        return None
+    return sorted({int(round(c)) for c in np.linspace(0, pipeline.num_classes - 1, min(n, pipeline.num_classes))})
+
+
+def sample_grid(
+    pipeline: UViTPipeline,
+    n: int = 8,
+    class_labels: Sequence[ClassLabel] | None = None,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    scheduler: str | SchedulerMixin | None = None,
+    batch_size: int = 64,
+) -> Image.Image:
+    """A grid with `n` images per row and fixed seeds: one row per class for a class-conditional model
+    (`grid_classes`), `n` rows for an unconditional one. Image k (row-major) uses generator `seed + k`."""
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"grid size n must be a positive int, got {n!r}")
+    rows = grid_classes(pipeline, n, class_labels)
+    labels = None if rows is None else [c for c in rows for _ in range(n)]
+    total = n * n if rows is None else len(labels)
+    pipeline.check_inputs(batch_size, rows[:1] if rows else None, num_inference_steps, guidance_scale)
+    pipeline = with_scheduler(pipeline, scheduler)
+    chunks = []
+    for start in range(0, total, batch_size):
+        idx = range(start, min(start + batch_size, total))
+        gens = [index_generator(seed, k) for k in idx]
+        chunk_labels = None if labels is None else labels[idx.start : idx.stop]
+        chunks.append(generate_images(pipeline, gens, chunk_labels, num_inference_steps, guidance_scale))
+    return make_grid_image(np.concatenate(chunks), nrow=n)
+
+
+def save_png_atomic(image: np.ndarray, path: Path) -> None:
+    """Write a uint8 HWC image as PNG through a temporary name, so an interruption leaves no truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def png_path(folder: Path, index: int) -> Path:
+    """The file of sample `index`: `000123.png`."""
+    return folder / f"{index:06d}.png"
+
+
+def pack_npz(png_dir: Path, num_samples: int, path: Path) -> None:
+    """Pack PNGs 0..num_samples-1 into an ADM-style `.npz` (`arr_0`, uint8 NHWC, RGB), atomically."""
+    arr = np.stack([np.asarray(Image.open(png_path(png_dir, i)).convert("RGB")) for i in range(num_samples)])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr)
+    os.replace(tmp, path)
+
+
+def generate_samples(
+    pipeline: UViTPipeline,
+    out_dir: str | os.PathLike,
+    num_samples: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    class_labels: Sequence[ClassLabel] | None = None,
+    scheduler: str | SchedulerMixin | None = None,
+    write_png: bool = True,
+    write_npz: bool = False,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Generate `num_samples` images into `out_dir` as `000000.png`, … and/or `samples.npz`; returns `out_dir`.
+
+    Resumable: indices whose PNG exists are skipped (PNGs are written atomically). Under `accelerate
+    launch` the missing indices are split across processes, each generated exactly once. A
+    class-conditional model's labels are drawn uniformly from `class_labels` (default: all classes) with
+    each image's own generator. With `write_png=False` the PNGs are kept in `out_dir/.parts` until the
+    `.npz` (built in memory: N·H·W·3 bytes) is written.
+    """
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if not (write_png or write_npz):
+        raise ValueError("nothing to write: set write_png and/or write_npz")
+    choices = pipeline.get_label_ids(class_labels) if class_labels is not None else list(range(pipeline.num_classes))
+    pipeline.check_inputs(batch_size, choices[:1] or None, num_inference_steps, guidance_scale)
+    pipeline = with_scheduler(pipeline, scheduler)
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
+    out_dir = Path(out_dir)
+    store = out_dir if write_png else out_dir / PARTS_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(num_samples) if not png_path(store, i).exists()]
+    barrier()  # every process lists the missing indices before any writes one
+    mine = todo[rank::world]
+
+    start = time.perf_counter()
+    with tqdm(total=len(mine), desc="sampling", unit="img", disable=rank != 0) as bar:
+        for b in range(0, len(mine), batch_size):
+            indices = mine[b : b + batch_size]
+            gens = [index_generator(seed, i) for i in indices]
+            labels = [choices[int(torch.randint(len(choices), (1,), generator=g))] for g in gens] if choices else None
+            images = generate_images(pipeline, gens, labels, num_inference_steps, guidance_scale)
+            for i, image in zip(indices, images, strict=True):
+                save_png_atomic(image, png_path(store, i))
+            bar.update(len(indices))
+    barrier()
+
+    if rank == 0:
+        seconds = time.perf_counter() - start
+        print(
+            f"generated {len(todo)} images ({num_samples - len(todo)} already present) in {seconds:.1f} s: "
+            f"{len(todo) / max(seconds, 1e-9):.2f} images/s on {world} process(es)"
+        )
+        if write_npz:
+            pack_npz(store, num_samples, out_dir / NPZ_NAME)
+            if not write_png:
+                shutil.rmtree(store)
+    barrier()
+    return out_dir
