@@ -22,7 +22,6 @@ from uvit_cog.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 def load_script(name: str):
@@ -56,21 +55,12 @@ def tiny_vae_dir(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mnist_head(tmp_path_factory) -> Path:
-    """The first 256 MNIST training images (grayscale NHW) from ../shared/data/mnist.npz, as a small .npz."""
-    x, y = load_npz_arrays(DATA / "mnist.npz")
-    path = tmp_path_factory.mktemp("npz") / "mnist256.npz"
-    np.savez(path, x_train=x[:256], y_train=y[:256])
-    return path
-
-
-def test_npz_grayscale_becomes_one_channel_resized(mnist_head):
-    ds = build_dataset(dict(kind="npz", path=mnist_head, resolution=16, channels=1, num_classes=10))
+def test_npz_grayscale_becomes_one_channel_resized(mnist_npz):
+    ds = build_dataset(dict(kind="npz", path=mnist_npz, resolution=16, channels=1, num_classes=10))
     x, y = ds[3]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) < -0.9 and 0.5 < float(x.max()) <= 1.0  # ink and background
-    raw_x, raw_y = load_npz_arrays(mnist_head)
+    raw_x, raw_y = load_npz_arrays(mnist_npz)
     assert int(y) == int(raw_y[3])
     assert len(ds) == 256
 

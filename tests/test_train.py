@@ -19,12 +19,10 @@ from safetensors.torch import load_file
 from test_data import load_script, make_image_folder, tiny_vae_dir
 
 from uvit_cog import UViTPipeline, train_utils
-from uvit_cog.data import load_npz_arrays
 from uvit_cog.model import PRESETS
 from uvit_cog.train_utils import list_checkpoints, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # A tiny U-ViC, 4 optimiser steps of 8 images, checkpoints every 2 steps, 2-step sample grids.
 TINY = [
@@ -47,15 +45,6 @@ train_script = load_train_script()
 def config(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose("train", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def mnist_npz(tmp_path_factory) -> Path:
-    """128 real MNIST digits from ../shared/data/mnist.npz (grayscale NHW)."""
-    x, y = load_npz_arrays(DATA / "mnist.npz")
-    path = tmp_path_factory.mktemp("data") / "mnist128.npz"
-    np.savez(path, x_train=x[:128], y_train=y[:128])
-    return path
 
 
 def npz_overrides(path: Path, run_dir: Path, *extra: str) -> list[str]:
