@@ -5,8 +5,8 @@
 
 CPU rows: SDPA softmax, the naive Cog (`impl="reference"`: sign(s)·softmax(|s|) with plain autograd),
 the lean autograd Function (`impl="torch"`) and the fused CPU path (`impl="cpu"`). Each time is the
-median over interleaved repetitions; the peak memory is the growth of the peak RSS of a fresh process
-running one forward+backward (glibc told to hand freed blocks back, so RSS follows live memory).
+median over interleaved repetitions; the peak memory is the growth of the peak RSS (VmHWM, reset first) of
+a fresh process running one forward+backward (glibc told to hand freed blocks back, so RSS follows live memory).
 GPU rows (bfloat16): SDPA restricted to its flash backend against the Triton kernel, then the peak
 CUDA memory of the Triton kernel as N grows. Ratios are to SDPA (time: lower is better; GPU
 throughput: higher is better).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -78,13 +77,25 @@ def cpu_peak_growth(name: str, shape) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def memory_child(name: str, shape) -> None:
     fn = CPU_IMPLS[name]
     forward_backward(fn, *make_inputs((1, 1, 64, shape[-1]), torch.float32, "cpu"))  # load libraries first
     qkv, grad = make_inputs(shape, torch.float32, "cpu")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the peak RSS to the current RSS: getrusage's maxrss would start from the parent's peak, which a
+    # forked child inherits, and hide this run's peak below it.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_bytes("VmRSS")
     forward_backward(fn, qkv, grad)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    print(_status_bytes("VmHWM") - base)
 
 
 def bench_cpu(reps: int) -> None:

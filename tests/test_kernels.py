@@ -144,22 +144,28 @@ def test_cpu_blocking_gradcheck(monkeypatch, elements, heads_per_block, rows_per
 def test_cpu_memory_stays_linear_in_sequence_length():
     """Forward+backward at N = 4096 grows peak RSS by far less than one N×N float32 matrix per head.
 
-    Measured in a fresh process (ru_maxrss is a high-water mark) with glibc returning freed blocks to
-    the system, so RSS follows live memory; the "torch" impl, which keeps the N×N weights for
-    backward, runs afterwards as a control that the measurement sees such matrices.
+    Measured in a fresh process as the growth of its peak RSS (VmHWM, reset before each run: a forked
+    child's getrusage maxrss starts at the parent's peak) with glibc returning freed blocks to the
+    system, so RSS follows live memory; the "torch" impl, which keeps the N×N weights for backward,
+    runs afterwards as a control that the measurement sees such matrices.
     """
     script = textwrap.dedent(
         """
-        import json, resource, torch
+        import json, torch
         from uvit_cog import cog_attention
         torch.set_num_threads(1)
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        def status(field):
+            line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+            return int(line.split()[1]) * 1024
 
         def grown(n, impl):
             q, k, v = (torch.randn(1, 2, n, 64, requires_grad=True) for _ in range(3))
-            base = peak()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # peak RSS := current RSS
+            base = status("VmRSS")
             cog_attention(q, k, v, impl=impl).sum().backward()
-            return peak() - base
+            return status("VmHWM") - base
 
         grown(256, "cpu")  # load kernels and thread pools first
         grown(256, "torch")
