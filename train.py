@@ -36,6 +36,7 @@ from uvit_cog.train_utils import (
     MetricsLogger,
     check_ranks_in_sync,
     diffusion_loss,
+    ema_decay_at,
     evaluate_fid,
     export_final_pipeline,
     export_pipeline,
@@ -148,8 +149,9 @@ def train(cfg: DictConfig) -> Path:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, accelerator.unwrap_model(model), cfg.train.ema_decay)
         step += 1
+        decay = ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup)
+        update_ema(ema, accelerator.unwrap_model(model), decay)
         images_seen += cfg.train.batch_size
         logged_steps += 1
         progress.update(1)

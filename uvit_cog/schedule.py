@@ -56,9 +56,15 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 
 
 def scheduler_config(
-    schedule: str = "linear", prediction_type: str = "epsilon", num_train_timesteps: int = 1000
+    schedule: str = "linear", prediction_type: str = "epsilon", num_train_timesteps: int = 1000,
+    clip_sample: bool = False,
 ) -> dict:
-    """A complete, explicit DDPM scheduler config for a noise schedule and training objective."""
+    """A complete, explicit DDPM scheduler config for a noise schedule and training objective.
+
+    `clip_sample` makes the samplers that support it (DDPM, DDIM, ...) clip their x0 prediction to
+    [-1, 1], as DDPM's original pixel-space sampler did; it keeps briefly trained pixel models from
+    saturating and must stay off for latent models, whose values are not bounded by 1.
+    """
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
@@ -70,7 +76,8 @@ def scheduler_config(
         **NOISE_SCHEDULES[schedule],
         prediction_type=prediction_type,
         variance_type="fixed_small",
-        clip_sample=False,
+        clip_sample=bool(clip_sample),
+        clip_sample_range=1.0,
         thresholding=False,
         # "trailing" spacing reaches t = T-1 with few steps (Lin et al. 2024), for every sampler.
         timestep_spacing="trailing",
