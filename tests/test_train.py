@@ -177,6 +177,17 @@ def test_gradient_accumulation_matches_one_batch(reference_run, mnist_npz, tmp_p
         assert [r[key] for r in logged] == pytest.approx([r[key] for r in reference], rel=1e-5)
 
 
+def test_ema_warmup_forgets_the_random_init():
+    """With warm-up the EMA holds almost none of the initial weights after 1,000 steps; without, 0.999^1000."""
+    init_share = {True: 1.0, False: 1.0}
+    for warmup in init_share:
+        for step in range(1, 1001):
+            init_share[warmup] *= train_utils.ema_decay_at(step, 0.999, warmup)
+    assert train_utils.ema_decay_at(1, 0.9999, True) == 2 / 11
+    assert train_utils.ema_decay_at(10**6, 0.9999, True) == 0.9999
+    assert init_share[True] < 1e-3 < 0.3 < init_share[False] < 0.4
+
+
 def test_image_folder_run(tmp_path):
     root = make_image_folder(tmp_path / "train", per_class=4)
     run = train_script.train(config(
@@ -228,6 +239,8 @@ def test_unknown_config_names_fail_with_the_options(overrides, error, match):
      r"train.label_dropout > 0 needs a class-conditional model"),
     (["model.sample_size=32"], ValueError, r"model.sample_size=32 but data.resolution=16"),
     (["resume=/no/checkpoint"], FileNotFoundError, r"resume=/no/checkpoint: not a checkpoint"),
+    (["data=imagenet256_latents", "data.root=/tmp", "diffusion.clip_sample=true"], ValueError,
+     r"diffusion.clip_sample=false for latent models"),
 ])
 def test_config_errors_stop_before_training(overrides, error, match, tmp_path):
     with pytest.raises(error, match=match):
