@@ -141,6 +141,15 @@ def test_cpu_blocking_gradcheck(monkeypatch, elements, heads_per_block, rows_per
     assert torch.autograd.gradcheck(lambda q, k, v: cog_attention_cpu(q, k, v, mask, 0.7), (q, k, v))
 
 
+def test_cpu_blocks_hold_a_multiple_of_the_thread_count_of_heads(monkeypatch):
+    """3 heads' worth of scores on 2 threads gives 2-head blocks: batched matmuls split by head."""
+    monkeypatch.setattr(cpu_kernels, "BLOCK_ELEMENTS", 3 * 7 * 7)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [hs.stop - hs.start for hs, _ in cpu_kernels._blocks(5, 7, 7)] == [2, 2, 1]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert [hs.stop - hs.start for hs, _ in cpu_kernels._blocks(5, 7, 7)] == [3, 2]
+
+
 def test_cpu_memory_stays_linear_in_sequence_length():
     """Forward+backward at N = 4096 grows peak RSS by far less than one N×N float32 matrix per head.
 
