@@ -5,7 +5,8 @@
 
 CPU rows: SDPA softmax, the naive Cog (`impl="reference"`: sign(s)·softmax(|s|) with plain autograd),
 the lean autograd Function (`impl="torch"`) and the fused CPU path (`impl="cpu"`). Each time is the
-median over interleaved repetitions; the peak memory is the growth of the peak RSS (VmHWM, reset first) of
+median over interleaved repetitions (SDPA and the fused path in one round, the two O(N²)-memory
+implementations in a second); the peak memory is the growth of the peak RSS (VmHWM, reset first) of
 a fresh process running one forward+backward (glibc told to hand freed blocks back, so RSS follows live memory).
 GPU rows (bfloat16): SDPA restricted to its flash backend against the Triton kernel, then the peak
 CUDA memory of the Triton kernel as N grows. Ratios are to SDPA (time: lower is better; GPU
@@ -36,6 +37,7 @@ CPU_IMPLS: dict[str, Fn] = {
     'cog "torch" Function': lambda q, k, v: cog_attention(q, k, v, impl="torch"),
     'cog "cpu" fused': lambda q, k, v: cog_attention(q, k, v, impl="cpu"),
 }
+LINEAR_MEMORY = ["sdpa softmax", 'cog "cpu" fused']  # timed side by side, apart from the O(N²) ones
 CPU_SHAPES = [(32, 8, 65, 64), (32, 8, 257, 64), (4, 8, 1025, 64), (1, 4, 4096, 64)]  # (B, H, N, D)
 GPU_SHAPES = [(64, 8, 257, 64), (16, 8, 1025, 64), (64, 8, 257, 72)]
 GPU_MEMORY_LENGTHS = [1025, 2049, 4097]
@@ -101,7 +103,12 @@ def memory_child(name: str, shape) -> None:
 def bench_cpu(reps: int) -> None:
     print(f"## CPU float32, forward+backward, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
     for shape in CPU_SHAPES:
-        times = median_times(CPU_IMPLS, shape, torch.float32, "cpu", reps if shape[2] <= 257 else max(2, reps // 2))
+        n_reps = reps if shape[2] <= 257 else max(2, reps // 2)
+        # Two rounds: the O(N²)-memory implementations free GiB-sized tensors after every call, which slowed
+        # whatever ran next (the fused path by up to 40% at N = 4096) when all four were interleaved.
+        times = {}
+        for group in (LINEAR_MEMORY, [name for name in CPU_IMPLS if name not in LINEAR_MEMORY]):
+            times |= median_times({name: CPU_IMPLS[name] for name in group}, shape, torch.float32, "cpu", n_reps)
         peaks = {name: cpu_peak_growth(name, shape) for name in CPU_IMPLS}
         base_t, base_m = times["sdpa softmax"], peaks["sdpa softmax"]
         print(f"\nB,H,N,D = {shape}")
