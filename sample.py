@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from uvit_cog.pipeline import load_pipeline, resolve_pipeline_dir
+from uvit_cog.pipeline import load_pipeline
+from uvit_cog.rundir import resolve_pipeline_dir
 from uvit_cog.sampling import generate_samples, sample_grid
 from uvit_cog.schedule import SCHEDULERS
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from numbers import Integral
@@ -27,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from .model import UViTModel
+from .rundir import resolve_pipeline_dir
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # The file written into every saved pipeline directory for diffusers' `custom_pipeline` loader.
@@ -227,33 +227,6 @@ class UViTPipeline(DiffusionPipeline):
         return (latents / 2 + 0.5).clamp(0, 1)
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step of a `step_XXXXXXX` checkpoint directory of a training run, -1 for anything else."""
-    match = re.fullmatch(r"step_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def resolve_pipeline_dir(path: str | os.PathLike) -> Path:
-    """The pipeline directory of `path`: itself, a run's `pipeline/`, or its latest `checkpoints/step_*/pipeline/`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist; give a pipeline or training run directory")
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "pipeline" / "model_index.json").is_file():
-        return path / "pipeline"
-    checkpoints = [
-        d for d in (path / "checkpoints").glob("step_*")
-        if checkpoint_step(d) >= 0 and (d / "pipeline" / "model_index.json").is_file()
-    ]
-    if checkpoints:
-        return max(checkpoints, key=checkpoint_step) / "pipeline"
-    raise FileNotFoundError(
-        f"{str(path)!r} is neither a pipeline directory (no model_index.json) nor a training run with "
-        "pipeline/ or checkpoints/step_*/pipeline/"
-    )
-
-
 def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline:
     """Load a `UViTPipeline` from a pipeline directory or a training run directory.
 
@@ -263,4 +236,4 @@ def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline:
     return UViTPipeline.from_pretrained(resolve_pipeline_dir(path), **kwargs)
 
 
-__all__ = ["UViTPipeline", "checkpoint_step", "load_pipeline", "resolve_pipeline_dir", "OUTPUT_TYPES"]
+__all__ = ["UViTPipeline", "load_pipeline", "OUTPUT_TYPES"]

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from .data import DATA_KINDS
-from .pipeline import UViTPipeline, checkpoint_step
+from .pipeline import UViTPipeline
+from .rundir import checkpoint_step
 from .sampling import generate_samples, sample_grid
 from .schedule import SCHEDULERS, sample_timesteps, scheduler_config, training_target
 
