@@ -1,15 +1,25 @@
 """uvit-cog: U-ViT diffusion transformers with Cog Attention (attention weights that can be negative)."""
 
-from .attention import Attention, capture_attention, cog_attention, cog_attention_reference, cog_weights
+from .attention import (
+    ATTENTION_KINDS,
+    Attention,
+    attention_variants,
+    capture_attention,
+    cog_attention,
+    cog_attention_reference,
+    cog_weights,
+)
 from .model import PRESETS, UViTModel, UViTModelOutput
 from .pipeline import UViTPipeline, load_pipeline
 
 __all__ = [
+    "ATTENTION_KINDS",
     "Attention",
     "PRESETS",
     "UViTModel",
     "UViTModelOutput",
     "UViTPipeline",
+    "attention_variants",
     "capture_attention",
     "cog_attention",
     "cog_attention_reference",

@@ -1,4 +1,4 @@
-"""U-ViT (Bao et al. 2022) as a diffusers model, with Cog attention in any chosen blocks (U-ViC).
+"""U-ViT (Bao et al. 2022) as a diffusers model, with any registered attention kind per block (U-ViC: Cog).
 
 The architecture and parameter names follow the official `libs/uvit.py` (baofff/U-ViT) so that the
 released checkpoints load with a key-for-key copy: tokens are [label token, time token, patches]
@@ -19,9 +19,9 @@ from diffusers.utils import BaseOutput
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from .attention import ATTENTION_TYPES, Attention
+from .attention import Attention, get_attention_kind, make_attention
 
-SOFTMAX_LAYER_CHOICES = ("first_last", "none", "all")
+LAYER_CHOICES = ("first_last", "none", "all")  # block selections besides lists of indices
 
 # U-ViT's published sizes (Bao et al. 2022, Table 1). Dataset-specific arguments (sample_size,
 # patch_size, in_channels, num_classes, final_conv) are given as overrides or by the configs.
@@ -62,11 +62,12 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block; out-blocks first fuse the long skip (U-ViT's `skip_linear`)."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, attention_type: str, skip: bool
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, attention_type: str, skip: bool,
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attention_type=attention_type, qkv_bias=qkv_bias)
+        self.attn: Attention = make_attention(attention_type, dim, num_heads, qkv_bias, layer_index)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
@@ -78,24 +79,51 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def resolve_softmax_layers(softmax_layers: str | Sequence[int], num_blocks: int) -> set[int]:
-    """Indices of the blocks (in-blocks, mid-block, out-blocks, in order) that use softmax attention."""
-    if isinstance(softmax_layers, str):
-        if softmax_layers == "first_last":
+def resolve_layers(selection: str | Sequence[int], num_blocks: int, field: str = "softmax_layers") -> set[int]:
+    """Indices of the blocks (in-blocks, mid-block, out-blocks, in order) that a selection names.
+
+    A selection is "first_last", "none", "all" or a list of block indices; `field` names it in errors.
+    """
+    if isinstance(selection, str):
+        if selection == "first_last":
             return {0, num_blocks - 1}
-        if softmax_layers == "none":
+        if selection == "none":
             return set()
-        if softmax_layers == "all":
+        if selection == "all":
             return set(range(num_blocks))
         raise ValueError(
-            f"unknown softmax_layers {softmax_layers!r}; use one of {SOFTMAX_LAYER_CHOICES} or a list of "
+            f"unknown {field} {selection!r}; use one of {LAYER_CHOICES} or a list of "
             f"block indices in [0, {num_blocks})"
         )
-    indices = {int(i) for i in softmax_layers}
+    indices = {int(i) for i in selection}
     bad = sorted(i for i in indices if not 0 <= i < num_blocks)
     if bad:
-        raise ValueError(f"softmax_layers {bad} out of range: this model has blocks 0..{num_blocks - 1}")
+        raise ValueError(f"{field} {bad} out of range: this model has blocks 0..{num_blocks - 1}")
     return indices
+
+
+def resolve_attention_types(
+    attention_type: str,
+    softmax_layers: str | Sequence[int],
+    attention_layers: Mapping[str, str | Sequence[int]] | None,
+    num_blocks: int,
+) -> list[str]:
+    """The attention kind of every block: `attention_type`, softmax in `softmax_layers`, then `attention_layers`.
+
+    `attention_layers` maps kinds to block selections and overrides the other two; a block that two of
+    its entries claim is an error.
+    """
+    get_attention_kind(attention_type)
+    softmax = resolve_layers(softmax_layers, num_blocks)
+    types = ["softmax" if i in softmax else attention_type for i in range(num_blocks)]
+    claimed: dict[int, str] = {}
+    for kind, selection in (attention_layers or {}).items():
+        get_attention_kind(kind)
+        for i in resolve_layers(selection, num_blocks, f"attention_layers[{kind!r}]"):
+            if i in claimed:
+                raise ValueError(f"attention_layers: block {i} is given both {claimed[i]!r} and {kind!r}")
+            claimed[i] = types[i] = kind
+    return types
 
 
 @dataclass
@@ -109,7 +137,9 @@ class UViTModel(ModelMixin, ConfigMixin):
     """U-ViT / U-ViC diffusion backbone.
 
     `attention_type="cog"` gives U-ViC: Cog attention in every block except those in
-    `softmax_layers` (default: the first in-block and the last out-block, as in the paper).
+    `softmax_layers` (default: the first in-block and the last out-block, as in the paper). Any
+    registered kind (`uvit_cog.attention.ATTENTION_KINDS`) can be the `attention_type`, and
+    `attention_layers` gives chosen blocks other kinds, e.g. `{"gated": [3, 4], "softmax": "first_last"}`.
     `num_classes` counts the real classes; label `num_classes` is the null class used for
     classifier-free guidance (the official code's `num_classes` counts it too: 1001 for ImageNet).
 
@@ -137,11 +167,10 @@ class UViTModel(ModelMixin, ConfigMixin):
         final_conv: bool = True,
         attention_type: str = "cog",
         softmax_layers: str | list[int] = "first_last",
+        attention_layers: Mapping[str, str | list[int]] | None = None,
         id2label: Mapping[int | str, str] | None = None,
     ) -> None:
         super().__init__()
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"unknown attention_type {attention_type!r}; choose one of {ATTENTION_TYPES}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if sample_size % patch_size != 0:
@@ -157,10 +186,13 @@ class UViTModel(ModelMixin, ConfigMixin):
             self.register_to_config(id2label={str(k): str(v) for k, v in id2label.items()})
         if not isinstance(softmax_layers, str):
             self.register_to_config(softmax_layers=[int(i) for i in softmax_layers])  # e.g. a Hydra ListConfig
+        if attention_layers is not None:  # plain JSON types, whatever mapping (e.g. a Hydra DictConfig) came in
+            plain = {str(kind): sel if isinstance(sel, str) else [int(i) for i in sel]
+                     for kind, sel in attention_layers.items()}
+            self.register_to_config(attention_layers=plain)
 
         num_blocks = depth + 1
-        softmax_set = resolve_softmax_layers(softmax_layers, num_blocks)
-        types = ["softmax" if attention_type == "softmax" or i in softmax_set else "cog" for i in range(num_blocks)]
+        types = resolve_attention_types(attention_type, softmax_layers, attention_layers, num_blocks)
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
         num_patches = (sample_size // patch_size) ** 2
@@ -178,11 +210,11 @@ class UViTModel(ModelMixin, ConfigMixin):
         half = depth // 2
         block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
         self.in_blocks = nn.ModuleList(
-            [Block(**block, attention_type=types[i], skip=False) for i in range(half)]
+            [Block(**block, attention_type=types[i], skip=False, layer_index=i) for i in range(half)]
         )
-        self.mid_block = Block(**block, attention_type=types[half], skip=False)
+        self.mid_block = Block(**block, attention_type=types[half], skip=False, layer_index=half)
         self.out_blocks = nn.ModuleList(
-            [Block(**block, attention_type=types[half + 1 + i], skip=True) for i in range(half)]
+            [Block(**block, attention_type=types[i], skip=True, layer_index=i) for i in range(half + 1, num_blocks)]
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_channels)
@@ -207,7 +239,7 @@ class UViTModel(ModelMixin, ConfigMixin):
 
     @property
     def blocks(self) -> list[Block]:
-        """All blocks in order: in-blocks, mid-block, out-blocks (the indexing of `softmax_layers`)."""
+        """All blocks in order: in-blocks, mid-block, out-blocks (how `softmax_layers`, `attention_layers` count)."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
     @property
@@ -336,4 +368,7 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["UViTModel", "UViTModelOutput", "PRESETS", "timestep_embedding", "resolve_softmax_layers", "num_parameters"]
+__all__ = [
+    "UViTModel", "UViTModelOutput", "PRESETS", "timestep_embedding", "resolve_layers", "resolve_attention_types",
+    "num_parameters",
+]
