@@ -41,13 +41,21 @@ def check_config(cfg: DictConfig) -> None:
     resolve_pipeline_dir(cfg.model)  # FileNotFoundError naming the path
 
 
+def requested_classes(cfg: DictConfig) -> list[int | str] | None:
+    """`classes` as a list: one class (`classes=3`, `classes=cat`) or a list (`classes=[cat,dog]`); None for all."""
+    if cfg.classes is None:
+        return None
+    return OmegaConf.to_container(cfg.classes) if OmegaConf.is_list(cfg.classes) else [cfg.classes]
+
+
 def output_path(cfg: DictConfig) -> Path:
     """`out`, or MODEL/samples/<mode>-<settings>[.png], so rerunning the same command resumes the same set."""
     if cfg.out is not None:
         return Path(cfg.out)
     tag = f"{cfg.mode}-{cfg.scheduler or 'saved'}-{cfg.steps}steps-g{cfg.guidance}-seed{cfg.seed}"
-    if cfg.classes is not None:
-        tag += "-classes" + "_".join(str(c) for c in cfg.classes)
+    classes = requested_classes(cfg)
+    if classes is not None:
+        tag += "-classes" + "_".join(str(c) for c in classes)
     return Path(cfg.model) / "samples" / (tag + (".png" if cfg.mode == "grid" else ""))
 
 
@@ -57,12 +65,9 @@ def main(cfg: DictConfig) -> None:
     accelerator = Accelerator()
     pipe = load_pipeline(cfg.model, dtype=DTYPES[cfg.dtype]).to(accelerator.device)
     pipe.set_progress_bar_config(disable=cfg.mode == "fid" or not accelerator.is_main_process)
-    classes = cfg.classes
-    if classes is not None:  # one class (classes=3) or a list (classes=[cat,dog])
-        classes = OmegaConf.to_container(classes) if OmegaConf.is_list(classes) else [classes]
     sampler = dict(
         seed=cfg.seed, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-        scheduler=cfg.scheduler, batch_size=cfg.batch_size, class_labels=classes,
+        scheduler=cfg.scheduler, batch_size=cfg.batch_size, class_labels=requested_classes(cfg),
     )
     out = output_path(cfg)
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_NAMES, tiny_pipeline
 from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from uvit_cog import UViTModel, UViTPipeline, load_pipeline
@@ -17,33 +20,7 @@ from uvit_cog.model import UViTModelOutput
 from uvit_cog.schedule import SCHEDULERS, make_scheduler, scheduler_config
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = {0: "cat", 1: "dog, puppy", 2: "bird"}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they lose a lot to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(num_classes: int = 3, **overrides) -> UViTModel:
-    torch.manual_seed(0)
-    cfg = dict(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
-    if num_classes == 3:
-        cfg["id2label"] = NAMES
-    return UViTModel(**{**cfg, **overrides}).eval()
-
-
-def tiny_pipeline(num_classes: int = 3, scheduler: str = "ddim", prediction_type: str = "epsilon",
-                  vae: AutoencoderKL | None = None, **overrides) -> UViTPipeline:
-    """A randomly initialised tiny pipeline (8x8 images, 3 classes named cat / dog, puppy / bird)."""
-    scheduler = make_scheduler(scheduler, scheduler_config("linear", prediction_type))
-    pipe = UViTPipeline(tiny_model(num_classes, **overrides), scheduler, vae)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def count_calls(model: torch.nn.Module) -> list[tuple[int, torch.Tensor | None]]:
@@ -75,6 +52,86 @@ def test_output_types():
     (np_images,) = pipe(**kwargs, generator=torch.manual_seed(0), output_type="np", return_dict=False)
     np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy())
     np.testing.assert_array_equal(np.asarray(pil[0]), (np_images[0] * 255).round().astype(np.uint8))
+    # "latent": the model-space samples before decoding (here pixels in [-1, 1] beyond the clamp).
+    latent = pipe(**kwargs, generator=torch.manual_seed(0), output_type="latent").images
+    assert latent.shape == (2, 3, 8, 8) and (latent.min() < 0 or latent.max() > 1)
+    torch.testing.assert_close(pipe.decode_latents(latent), pt)
+    for output_type in ("pil", "pt", "latent"):  # return_dict=False: the same images as a 1-tuple
+        (images,) = pipe(**kwargs, generator=torch.manual_seed(0), output_type=output_type, return_dict=False)
+        expected = {"pil": pil, "pt": pt, "latent": latent}[output_type]
+        if output_type == "pil":
+            assert [np.asarray(im).tolist() for im in images] == [np.asarray(im).tolist() for im in expected]
+        else:
+            torch.testing.assert_close(images, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "class_labels,ids",
+    [
+        (2, [2]),
+        ("puppy", [1]),
+        ([0, "bird"], [0, 2]),
+        ([[1], [1]], [1, 1]),  # how diffusers' shared tests batch the input [1]
+        ([[0, "dog"], (2,), [[1]]], [0, 1, 2, 1]),
+        (torch.tensor(2), [2]),
+        (torch.tensor([[2, 0], [1, 1]]), [2, 0, 1, 1]),
+        ([torch.tensor([1, 0]), torch.tensor(2)], [1, 0, 2]),
+        (np.array([[2], [0]]), [2, 0]),
+    ],
+)
+def test_class_labels_in_any_form_dit_accepts(class_labels, ids):
+    """Ints, names, nested lists / tuples, tensors and arrays of any shape: flattened in order."""
+    pipe = tiny_pipeline()
+    assert pipe.get_label_ids(class_labels) == ids
+    calls = count_calls(pipe.transformer)
+    images = pipe(class_labels=class_labels, num_inference_steps=1, output_type="np").images
+    assert images.shape == (len(ids), 8, 8, 3) and calls[0][1].tolist() == ids
+
+
+def test_nested_batch_equals_single_image():
+    """diffusers' batch tests: input [1] batched as [[1], [1], [1]] with one generator per image."""
+    pipe = tiny_pipeline(scheduler="ddpm")  # step noise from the generators too
+    kwargs = dict(num_inference_steps=3, guidance_scale=1.5, output_type="np")
+    single = pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), **kwargs).images
+    batch = pipe(class_labels=[[1]] * 3, generator=[torch.Generator().manual_seed(i) for i in range(3)],
+                 **kwargs).images
+    assert batch.shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(batch[0], single[0], atol=1e-5)
+    assert np.abs(batch[1] - batch[0]).max() > 0.01  # its own generator, its own image
+    for output_type in ("pil", "pt", "latent"):  # batch consistency: one image per nested entry
+        output = pipe(class_labels=[[1], [1]], num_inference_steps=1, output_type=output_type)
+        assert len(output[0]) == 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("num_images_per_prompt", [1, 2])
+def test_num_images_per_prompt(batch_size, num_images_per_prompt):
+    pipe = tiny_pipeline()
+    calls = count_calls(pipe.transformer)
+    images = pipe(class_labels=[[1]] * batch_size, num_images_per_prompt=num_images_per_prompt,
+                  num_inference_steps=1, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape[0] == batch_size * num_images_per_prompt
+    assert calls[0][1].tolist() == [1] * (batch_size * num_images_per_prompt)
+
+
+def test_num_images_per_prompt_order_and_unconditional():
+    pipe = tiny_pipeline()
+    calls = count_calls(pipe.transformer)
+    pipe(class_labels=["cat", "bird"], num_images_per_prompt=2, num_inference_steps=1)
+    assert calls[0][1].tolist() == [0, 0, 2, 2]  # each label's images together, as diffusers repeats prompts
+    uncond = tiny_pipeline(num_classes=0)
+    images = uncond(batch_size=2, num_images_per_prompt=3, num_inference_steps=1, output_type="pt").images
+    assert images.shape == (6, 3, 8, 8)
+
+
+def test_given_latents_replace_drawn_noise():
+    pipe = tiny_pipeline(scheduler="euler")  # init_noise_sigma != 1: given latents are scaled like drawn ones
+    assert pipe.scheduler.init_noise_sigma > 100
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    drawn = pipe(class_labels=[0, 2], num_inference_steps=2, generator=gens, output_type="np").images
+    latents = randn_tensor((2, 3, 8, 8), generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+    given = pipe(class_labels=[0, 2], num_inference_steps=2, latents=latents, output_type="np").images
+    np.testing.assert_array_equal(given, drawn)
 
 
 MU, STD = torch.tensor([-0.4, 0.1, 0.5]).view(1, 3, 1, 1), 0.5
@@ -190,6 +247,59 @@ def test_callback_on_step_end_sees_and_replaces_latents():
     np.testing.assert_allclose(images, 0.5)  # zero latents decode to mid-grey
 
 
+def test_callback_tensor_inputs():
+    """diffusers' callback contract: only the requested tensors (a subset of `_callback_tensor_inputs`) are
+    passed, and a tensor returned at the last step is the output."""
+    pipe = tiny_pipeline()
+    seen = []
+
+    def record(p, i, t, tensors):
+        seen.append(sorted(tensors))
+        return tensors
+
+    pipe(class_labels=1, num_inference_steps=2, callback_on_step_end=record, callback_on_step_end_tensor_inputs=[])
+    pipe(class_labels=1, num_inference_steps=2, callback_on_step_end=record,
+         callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    assert seen == [[], [], ["latents"], ["latents"]]
+
+    def zero_last(p, i, t, tensors):
+        if i == p.num_timesteps - 1:
+            tensors["latents"] = torch.zeros_like(tensors["latents"])
+        return tensors
+
+    out = pipe(class_labels=1, num_inference_steps=3, callback_on_step_end=zero_last, output_type="latent")[0]
+    assert pipe.num_timesteps == 3 and out.abs().sum() == 0
+
+    class ZeroLatents(PipelineCallback):  # diffusers' callback classes bring their own tensor_inputs
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+    out = pipe(class_labels=1, num_inference_steps=2, output_type="latent", callback_on_step_end_tensor_inputs=[],
+               callback_on_step_end=MultiPipelineCallbacks([ZeroLatents()]))[0]
+    assert out.abs().sum() == 0
+
+
+def test_callback_changes_guidance_scale():
+    """A callback may raise `pipe._guidance_scale` between steps; each step guides with the current value."""
+    pipe = tiny_pipeline()
+    outputs, step_inputs = [], []
+    pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out.sample.clone()))
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda pred, t, x, **kw: step_inputs.append(pred.clone()) or step(pred, t, x, **kw)
+
+    def increase(p, i, t, tensors):
+        p._guidance_scale += 1.0
+        return tensors
+
+    pipe(class_labels=[0, 2], num_inference_steps=3, guidance_scale=2.0, callback_on_step_end=increase)
+    assert pipe.do_classifier_free_guidance and pipe.guidance_scale == 2.0 + pipe.num_timesteps
+    for i, (out, pred) in enumerate(zip(outputs, step_inputs, strict=True)):
+        cond, uncond = out.chunk(2)
+        torch.testing.assert_close(pred, uncond + (2.0 + i) * (cond - uncond))
+
+
 def test_save_load_and_run_directories(tmp_path):
     pipe = tiny_pipeline(scheduler="dpm_solver", prediction_type="v_prediction")
     kwargs = dict(class_labels=["cat", "bird"], num_inference_steps=3, guidance_scale=1.5, output_type="np")
@@ -199,7 +309,7 @@ def test_save_load_and_run_directories(tmp_path):
     loaded = UViTPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.vae is None and loaded.scheduler.config.prediction_type == "v_prediction"
-    assert loaded.transformer.config.id2label == {str(k): v for k, v in NAMES.items()}
+    assert loaded.transformer.config.id2label == {str(k): v for k, v in TINY_NAMES.items()}
     np.testing.assert_array_equal(loaded(**kwargs, generator=torch.manual_seed(0)).images, expected)
 
     # Training-run layout: the final export wins, else the latest checkpoint's export.
@@ -216,6 +326,63 @@ def test_save_load_and_run_directories(tmp_path):
     euler = make_scheduler("euler", loaded.scheduler.config)
     assert euler.config.prediction_type == "v_prediction"
     torch.testing.assert_close(euler.alphas_cumprod, loaded.scheduler.alphas_cumprod)
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A random 2-block `AutoencoderKL` (4 latent channels, 2x downsampling, scaling factor 0.5)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, sample_size=16, scaling_factor=0.5,
+    ).eval()
+
+
+def test_optional_vae_none_round_trips(tmp_path):
+    """diffusers' optional-components contract: `vae=None` survives `components`, the constructor,
+    `save_pretrained` (also over a directory that held a VAE) and `from_pretrained`."""
+    latent = tiny_pipeline(vae=tiny_vae(), sample_size=4, in_channels=4)
+    assert set(latent.components) == {"transformer", "scheduler", "vae"}
+    latent.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "vae").is_dir()
+
+    latent.vae = None  # as diffusers' test does: set every optional component to None
+    assert latent.components["vae"] is None and latent.config["vae"] == (None, None)
+    kwargs = dict(class_labels=[0, 2], num_inference_steps=2, output_type="pt")
+    expected = latent(**kwargs, generator=torch.manual_seed(0)).images
+    assert expected.shape == (2, 4, 4, 4)  # undecoded model space: no VAE any more
+    latent.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["vae"] == [None, None]
+    loaded = UViTPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None and set(loaded.components) == {"transformer", "scheduler", "vae"}
+    torch.testing.assert_close(loaded(**kwargs, generator=torch.manual_seed(0)).images, expected, rtol=0, atol=0)
+    rebuilt = UViTPipeline(**loaded.components)
+    rebuilt.set_progress_bar_config(disable=True)
+    assert rebuilt.vae is None and rebuilt.config["vae"] == (None, None)
+    torch.testing.assert_close(rebuilt(**kwargs, generator=torch.manual_seed(0)).images, expected, rtol=0, atol=0)
+
+    # A saved VAE can be left out at load time, and fp16 variants load as such.
+    with_vae = tiny_pipeline(vae=tiny_vae(), sample_size=4, in_channels=4)
+    with_vae.save_pretrained(tmp_path / "vae")
+    assert UViTPipeline.from_pretrained(tmp_path / "vae", vae=None).vae is None
+    with_vae.to(dtype=torch.float16)
+    assert with_vae.transformer.dtype == torch.float16 and with_vae.vae.dtype == torch.float16
+    with_vae.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    fp16 = UViTPipeline.from_pretrained(tmp_path / "fp16", variant="fp16", dtype=torch.float16)
+    assert fp16.transformer.dtype == torch.float16 and isinstance(fp16.vae, AutoencoderKL)
+
+
+def test_call_signature_has_diffusers_parameters():
+    """The parameters diffusers' `test_pipeline_call_signature` requires of a class-conditional pipeline."""
+    import inspect
+
+    params = inspect.signature(UViTPipeline.__call__).parameters
+    optional = {"num_inference_steps", "num_images_per_prompt", "generator", "latents", "output_type",
+                "return_dict", "guidance_scale", "callback_on_step_end", "callback_on_step_end_tensor_inputs"}
+    assert "class_labels" in params
+    assert {k for k in optional if params[k].default is not inspect.Parameter.empty} == optional
 
 
 def test_diffusers_generic_loader_in_fresh_process(tmp_path):
@@ -237,12 +404,7 @@ def test_diffusers_generic_loader_in_fresh_process(tmp_path):
 
 
 def test_latent_model_decodes_through_vae(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, sample_size=16, scaling_factor=0.5,
-    ).eval()
+    vae = tiny_vae()
     pipe = tiny_pipeline(vae=vae, sample_size=4, in_channels=4)
     images = pipe(class_labels=[0, 1], num_inference_steps=2, guidance_scale=1.5,
                   generator=torch.manual_seed(0), output_type="pt").images
@@ -271,7 +433,15 @@ def test_latent_model_decodes_through_vae(tmp_path):
         (3, dict(batch_size=0), "batch_size"),
         (3, dict(batch_size=3, class_labels=[0, 1]), "2 class labels for batch_size=3"),
         (3, dict(batch_size=2, generator=[torch.Generator()]), "1 generators for 2 images"),
-        (3, dict(output_type="latent"), "output_type"),
+        (3, dict(output_type="latents"), "output_type"),
+        (3, dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (3, dict(class_labels=[[]]), "empty"),
+        (3, dict(class_labels=torch.tensor([1.0])), "ints or class names"),
+        (3, dict(class_labels=[[0], [True]]), "ints or class names"),
+        (3, dict(callback_on_step_end_tensor_inputs=["noise_pred"]), r"\['noise_pred'\] are not available"),
+        (3, dict(class_labels=[0, 1], latents=torch.zeros(1, 3, 8, 8)), r"2 images need \(2, 3, 8, 8\)"),
+        (3, dict(class_labels=[[1], [1]], num_images_per_prompt=2, generator=[torch.Generator()] * 2),
+         "2 generators for 4 images"),
     ],
 )
 def test_bad_inputs_raise_before_sampling(num_classes, kwargs, message):

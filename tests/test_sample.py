@@ -1,16 +1,19 @@
 """Sample sets and grids (uvit_cog.sampling) and the sample.py entry point: determinism, resume, sharding, CLI."""
 
 import importlib.util
+import os
 import runpy
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_pipeline
 from hydra import compose, initialize
 from PIL import Image
-from test_pipeline import single_thread, tiny_pipeline  # noqa: F401 - autouse fixture
 
 from uvit_cog import load_pipeline, sampling
 from uvit_cog.sampling import (
@@ -23,6 +26,7 @@ from uvit_cog.sampling import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
 SAMPLER = dict(num_inference_steps=2, guidance_scale=1.5, scheduler="ddpm")  # stochastic steps on purpose
 
 
@@ -213,6 +217,97 @@ def test_sample_py_fid_mode_resumes(tmp_path, saved):
     sample.main(cfg)
     np.testing.assert_array_equal(read_pngs(out, 4), first)
     np.testing.assert_array_equal(np.load(out / NPZ_NAME)["arr_0"], first)
+
+
+@pytest.mark.parametrize("classes,tag,rows", [("2", "classes2", 1), ("bird", "classesbird", 1),
+                                             ("[bird,0]", "classesbird_0", 2)])
+def test_sample_py_grid_single_class(saved, monkeypatch, classes, tag, rows):
+    """`python sample.py model=RUN mode=grid classes=3`: one class as well as a list, in the default output name."""
+    argv = ["sample.py", f"model={saved}", "mode=grid", "steps=2", "grid_size=3", f"classes={classes}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
+    out = saved / "samples" / f"grid-dpm_solver-2steps-g1.0-seed0-{tag}.png"
+    assert Image.open(out).size == (3 * 10 + 2, rows * 10 + 2)
+
+
+# Runs sample.py (argv[1:]) but, right before the rename that would publish the file named
+# $PAUSE_BEFORE_PUBLISHING (its temporary file written in full), touches $PAUSE_MARKER and sleeps: the
+# test kills it there with SIGKILL, the worst moment for a write-then-rename.
+PAUSE_HOOK = """
+import os, runpy, sys, time
+target, marker, real_replace = os.environ["PAUSE_BEFORE_PUBLISHING"], os.environ["PAUSE_MARKER"], os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == target:
+        open(marker, "w").close()
+        time.sleep(600)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_paused(args: list[str], target: str, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `python sample.py ARGS` in a subprocess that pauses before publishing `target`."""
+    marker, log = tmp_path / f"paused-{target}", (tmp_path / f"log-{target}").open("w")
+    env = {**os.environ, "PAUSE_BEFORE_PUBLISHING": target, "PAUSE_MARKER": str(marker),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_HOOK, str(ROOT / "sample.py"), *args],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    return proc, marker
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log = marker.with_name(marker.name.replace("paused-", "log-")).read_text()
+            pytest.fail(f"sample.py did not reach the pause (rc {proc.poll()}):\n{log}")
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup handler runs
+    assert proc.wait(timeout=30) == -9
+
+
+def sample_files(folder: Path) -> dict[str, Path]:
+    """Every file a reader of the set would take for a sample: `*.png` and `*.npz`, also in hidden folders."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.suffix in (".png", ".npz")}
+
+
+def test_sample_py_fid_killed_mid_set_and_rerun(tmp_path, saved):
+    """kill -9 inside a PNG write (PNG + .npz set) and inside the .npz write (.npz-only set), then rerun: the
+    finished folders equal an uninterrupted run's bit for bit; no partial PNG / .npz is visible at any time."""
+    common = [f"model={saved}", "mode=fid", "num_samples=6", "batch_size=4", "steps=2", "scheduler=ddpm",
+              "guidance=1.5", "npz=true"]
+    both, npz_only = [*common, f"out={tmp_path / 'both'}"], [*common, "png=false", f"out={tmp_path / 'npz'}"]
+    # Index 5 is the second image of the second batch: 4 is published, 5 is not, and the rerun batches 5 alone.
+    paused = [start_paused(both, "000005.png", tmp_path), start_paused(npz_only, NPZ_NAME, tmp_path)]
+
+    sample = load_sample_script()
+    reference = tmp_path / "reference"
+    sample.main(sample_config(*common, f"out={reference}"))  # uninterrupted, meanwhile
+    ref_png = {name: p.read_bytes() for name, p in sample_files(reference).items() if name.endswith(".png")}
+    ref_npz = np.load(reference / NPZ_NAME)["arr_0"]
+    assert sorted(ref_png) == [f"{i:06d}.png" for i in range(6)]
+
+    for proc, marker in paused:
+        kill_when_paused(proc, marker)
+    # What a reader sees after the kill: only complete files, each the uninterrupted run's.
+    assert sorted(sample_files(tmp_path / "both")) == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(sample_files(tmp_path / "npz")) == [f".parts/{i:06d}.png" for i in range(6)]  # no .npz
+    for folder in ("both", "npz"):
+        for name, path in sample_files(tmp_path / folder).items():
+            assert path.read_bytes() == ref_png[Path(name).name], name
+
+    for args in (both, npz_only):
+        sample.main(sample_config(*args))
+    files = {p.name for p in (tmp_path / "both").iterdir()}
+    assert files == {p.name for p in reference.iterdir()}, "leftovers of the killed run"
+    assert {name: p.read_bytes() for name, p in sample_files(tmp_path / "both").items() if name.endswith(".png")} \
+        == ref_png
+    assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == [NPZ_NAME], "leftovers of the killed run"
+    for folder in ("both", "npz"):
+        np.testing.assert_array_equal(np.load(tmp_path / folder / NPZ_NAME)["arr_0"], ref_npz)
 
 
 @pytest.mark.parametrize(
