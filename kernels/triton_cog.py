@@ -1,17 +1,36 @@
-"""Cog attention in Triton, flash-attention style: no N×M tensor is ever written to memory.
+"""Cog attention and its relatives in Triton, flash-attention style: no N×M tensor is ever written to memory.
 
-Forward tiles over keys with a running max `m` and sum `l` of exp(|s| − m) and accumulates
-sign(s)·exp(|s| − m)·v, then stores O and the log-sum-exp of |s| per query row. Backward recomputes
-the scores tile by tile from that log-sum-exp:
+One set of three kernels serves every row map in `KINDS`; the compile-time switch `KIND` (a
+tl.constexpr) picks the map, so each kind compiles to its own specialised code and Cog's is the code
+it always was. Forward tiles over keys with a running max `m` and sum `l` and accumulates the
+unnormalised weights times v, then stores O and one float32 statistic L per query row (dP = dO vᵀ,
+Δ = rowsum(dO∘O) = Σ_j w_j dP_j, all logits in base 2: the score scale carries log2 e):
 
-    p = exp(|s| − lse),  w = sign(s)·p,  Δ = rowsum(dO∘O),  dS = p∘(dO vᵀ) − w∘Δ,
-    dV = wᵀ dO,  dK = dSᵀ q · scale  (one program per key block, looping over queries),
-    dQ = dS k · scale                (one program per query block, looping over keys),
+Forward, per key tile (the running sums rescaled by 2^{m_old − m_new} as m grows; m₀ its start), and L:
 
-so neither kernel needs atomics. Exponentials are base 2 (the score scale carries log2 e) and all
-statistics are float32. Sequence lengths need not be multiples of the block sizes and the head dim
-is padded to a power of two with masked loads. A boolean key mask is applied after the absolute value;
-rows with no kept key give zeros (lse = +inf makes their p vanish in backward).
+    cog       p = 2^{|s| − m}, w = sign(s)·p, l += Σp, m₀ = 0                   L = m + log l
+    softmax   p = 2^{s − m}, w = p, l += Σp, m₀ = −∞                             L = m + log l
+    softmax1  as softmax with m₀ = c (the sink logit); at the end l += 2^{c − m}  L = m + log l
+    softpick  u = 2^{s − m} − 2^{−m}, w = ReLU(u), l += Σ|u|, m₀ = 0;
+              at the end l += ε·2^{−m}, so l = e^{−m}(Σ|eˢ − 1| + ε)            L = m + log l
+    sigmoid   w = σ(s + b): no running max, no normaliser                      (L unused)
+
+and O = Σ w v / l (sigmoid: Σ w v). Backward recomputes each tile's weights from L:
+
+    cog       p = 2^{|s| − L}, w = sign(s)·p                dS = p∘dP − w∘Δ
+    softmax   w = 2^{s − L}                                 dS = w∘(dP − Δ)
+    softmax1  w = 2^{s − L}                                 dS = w∘(dP − Δ), dc = −Σ_rows 2^{c − L}·Δ
+    softpick  g = 2^{s − L} (= eˢ/Z), w = ReLU(g − 2^{−L})  dS = g∘([s > 0]∘dP − sign(s)∘Δ)
+    sigmoid   w = σ(s + b)                                  dS = w∘(1 − w)∘dP
+
+(softpick: with u_j = eˢʲ − 1 and Z = Σ|u| + ε, ∂w_i/∂s_j = δ_ij [u_i > 0] eˢⁱ/Z − w_i sign(u_j) eˢʲ/Z;
+softmax1: the sink is one more key of logit c and value 0, so its gradient is softmax's, −w_sink·Δ.)
+Then for every kind dV = wᵀ dO, dK = dSᵀ q · scale (one program per key block, looping over queries),
+dQ = dS k · scale (one program per query block, looping over keys), so neither kernel needs atomics.
+Every statistic is float32. Sequence lengths need not be multiples of the block sizes and the head dim
+is padded to a power of two with masked loads. A boolean key mask removes keys from numerators and
+normalisers (for cog after the absolute value); rows with no kept key give zeros (cog and softmax:
+L = +inf makes their p vanish in backward; softmax1 and softpick: l stays at the sink or ε alone).
 
 On a CUDA device the block sizes are autotuned; under `TRITON_INTERPRET=1` (CPU tensors, for tests)
 one fixed configuration is used because autotuning needs a GPU.
@@ -32,6 +51,8 @@ INTERPRET = knobs.runtime.interpret
 AUTOTUNE = torch.cuda.is_available() and not INTERPRET
 FIXED_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # used without autotuning
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
+LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256
 
 
@@ -54,28 +75,51 @@ def _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK: 
 
 
 @triton.jit
-def _scores(q, k, keep, qk_scale, PRECISION: tl.constexpr):
-    """Scores s (base-2 units) of a q tile against a k tile, and |s| with dropped entries at -inf."""
+def _scores(q, k, keep, qk_scale, PRECISION: tl.constexpr, KIND: tl.constexpr):
+    """Scores s (base-2 units) of a q tile against a k tile, and the logits x of the row map (|s| for cog,
+    s otherwise) with dropped entries at -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    return s, tl.where(keep, tl.abs(s), float("-inf"))
+    if KIND == "cog":
+        x = tl.where(keep, tl.abs(s), float("-inf"))
+    else:
+        x = tl.where(keep, s, float("-inf"))
+    return s, x
 
 
 @triton.jit
-def _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION: tl.constexpr):
-    """Signed weights w and score gradient dS of one (query, key) tile, recomputed from lse."""
-    s, mag = _scores(q, k, keep, qk_scale, PRECISION)
-    p = tl.exp2(mag - lse[:, None])
-    w = tl.where(s < 0, -p, p)
+def _sigmoid2(s, keep, bias2):
+    """σ(s + b) for base-2 scores and bias (σ(z) = 1 / (1 + 2^{−z·log2 e})), 0 where dropped."""
+    return tl.where(keep, 1.0 / (1.0 + tl.exp2(-(s + bias2))), 0.0)
+
+
+@triton.jit
+def _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, bias2, PRECISION: tl.constexpr, KIND: tl.constexpr):
+    """Weights w and score gradient dS of one (query, key) tile, recomputed from the row statistic L."""
+    s, x = _scores(q, k, keep, qk_scale, PRECISION, KIND)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return w, p * dp - w * delta[:, None]
+    if KIND == "cog":
+        p = tl.exp2(x - lse[:, None])
+        w = tl.where(s < 0, -p, p)
+        ds = p * dp - w * delta[:, None]
+    elif KIND == "sigmoid":
+        w = _sigmoid2(s, keep, bias2)
+        ds = w * (1.0 - w) * dp
+    elif KIND == "softpick":
+        g = tl.exp2(x - lse[:, None])
+        w = tl.maximum(g - tl.exp2(-lse)[:, None], 0.0)
+        ds = g * tl.where(s > 0, dp - delta[:, None], tl.where(s < 0, delta[:, None], 0.0))
+    else:  # softmax, softmax1
+        w = tl.exp2(x - lse[:, None])
+        ds = w * (dp - delta[:, None])
+    return w, ds
 
 
 @triton.jit
 def _cog_fwd(
-    Q, K, V, Mask, O, Lse, qk_scale,
+    Q, K, V, Mask, Sink, O, Lse, qk_scale, bias2, eps,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, smb, smh, smn, smm, sob, soh, son,
     H, N, M, D,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, KIND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -86,8 +130,13 @@ def _cog_fwd(
     row_ok = rows < N
     dim_ok = dims < D
     q = tl.load(_tile_ptrs(Q, b, h, sqb, sqh, sqn, rows, dims), mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    # |s| >= 0, so 0 is a valid start for the running max; a row with no kept key keeps m = 0, l = 0.
+    # Cog: |s| >= 0, so 0 is a valid start for the running max; a row with no kept key keeps m = 0, l = 0.
+    # Softpick: m >= 0 keeps 2^{−m} <= 1. Softmax1: the sink is a key of logit c. Softmax: m starts at −inf.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if KIND == "softmax":
+        m_i = m_i - float("inf")
+    if KIND == "softmax1":
+        m_i = m_i + tl.load(Sink + h)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, M, BLOCK_N):
@@ -97,29 +146,51 @@ def _cog_fwd(
         k = tl.load(_tile_ptrs(K, b, h, skb, skh, skn, cols, dims), mask=kv_mask, other=0.0)
         v = tl.load(_tile_ptrs(V, b, h, svb, svh, svn, cols, dims), mask=kv_mask, other=0.0)
         keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
-        s, mag = _scores(q, k, keep, qk_scale, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(mag, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(mag - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        w = tl.where(s < 0, -p, p)
-        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    kept = l_i > 0
-    l_safe = tl.where(kept, l_i, 1.0)
-    out = acc / l_safe[:, None]
+        s, x = _scores(q, k, keep, qk_scale, PRECISION, KIND)
+        if KIND == "sigmoid":  # no normaliser: a plain sum of σ(s + b) v
+            acc += tl.dot(_sigmoid2(s, keep, bias2).to(v.dtype), v, input_precision=PRECISION)
+        else:
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_use = m_new
+            if KIND == "softmax":  # no kept key yet: subtract 0, not −inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(x - m_use[:, None])
+            if KIND == "softpick":
+                u = tl.where(keep, p - tl.exp2(-m_use)[:, None], 0.0)
+                l_i = l_i * alpha + tl.sum(tl.abs(u), 1)
+                w = tl.maximum(u, 0.0)
+            else:
+                l_i = l_i * alpha + tl.sum(p, 1)
+                w = p
+                if KIND == "cog":
+                    w = tl.where(s < 0, -p, p)
+            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     o_ptrs = _tile_ptrs(O, b, h, sob, soh, son, rows, dims)
+    if KIND == "sigmoid":
+        out = acc
+        lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        if KIND == "softmax1":
+            l_i += tl.exp2(tl.load(Sink + h) - m_i)
+        if KIND == "softpick":
+            l_i += eps * tl.exp2(-m_i)
+        kept = l_i > 0
+        l_safe = tl.where(kept, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(kept, m_i + tl.log2(l_safe), float("inf"))
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(Lse + bh * N + rows, tl.where(kept, m_i + tl.log2(l_safe), float("inf")), mask=row_ok)
+    tl.store(Lse + bh * N + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _cog_bwd_dkdv(
-    Q, K, V, DO, Mask, Lse, Delta, DK, DV, qk_scale, scale,
+    Q, K, V, DO, Mask, Lse, Delta, DK, DV, qk_scale, scale, bias2,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, smb, smh, smn, smm,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, N, M, D,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, KIND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -143,7 +214,7 @@ def _cog_bwd_dkdv(
         lse = tl.load(Lse + bh * N + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + bh * N + rows, mask=row_ok, other=0.0)
         keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
-        w, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION)
+        w, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, bias2, PRECISION, KIND)
         dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(_tile_ptrs(DK, b, h, sdkb, sdkh, sdkn, cols, dims), (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -152,10 +223,10 @@ def _cog_bwd_dkdv(
 
 @triton.jit
 def _cog_bwd_dq(
-    Q, K, V, DO, Mask, Lse, Delta, DQ, qk_scale, scale,
+    Q, K, V, DO, Mask, Lse, Delta, DQ, qk_scale, scale, bias2,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, smb, smh, smn, smm, sdqb, sdqh, sdqn,
     H, N, M, D,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, KIND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -178,7 +249,7 @@ def _cog_bwd_dq(
         k = tl.load(_tile_ptrs(K, b, h, skb, skh, skn, cols, dims), mask=kv_mask, other=0.0)
         v = tl.load(_tile_ptrs(V, b, h, svb, svh, svn, cols, dims), mask=kv_mask, other=0.0)
         keep = _keep(Mask, b, h, smb, smh, smn, smm, rows, cols, row_ok, col_ok, HAS_MASK)
-        _, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, PRECISION)
+        _, ds = _grad_tile(q, k, v, do, lse, delta, keep, qk_scale, bias2, PRECISION, KIND)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(_tile_ptrs(DQ, b, h, sdqb, sdqh, sdqn, rows, dims), (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -200,7 +271,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 def _launcher(kernel, pairs: list[tuple[int, int]]):
     """The kernel autotuned over block sizes on a GPU, or the plain kernel with FIXED_BLOCKS otherwise."""
     if AUTOTUNE:
-        key = ["N", "M", "BLOCK_D", "HAS_MASK", "PRECISION"]
+        key = ["N", "M", "BLOCK_D", "HAS_MASK", "PRECISION", "KIND"]
         tuned = triton.autotune(_configs(pairs), key=key, prune_configs_by={"early_config_prune": _prune})
         return tuned(kernel), {}
     return kernel, FIXED_BLOCKS
@@ -233,52 +304,55 @@ def _mask_args(attn_mask: Tensor | None, q: Tensor, shape: tuple[int, int, int, 
     return (mask, *mask.stride())
 
 
-def _meta(dtype: torch.dtype, head_dim: int, has_mask: bool) -> dict:
+def _meta(dtype: torch.dtype, head_dim: int, has_mask: bool, kind: str) -> dict:
     """Compile-time kernel arguments besides the block sizes."""
     return {
         "HAS_MASK": has_mask,
+        "KIND": kind,
         # Full float32 products for float32 inputs (tf32 would miss the 1e-4 tolerance).
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
     }
 
 
-class CogAttentionTriton(torch.autograd.Function):
-    """Fused Cog attention: saves q, k, v, O and the float32 row lse; backward in two Triton kernels."""
+class AttentionTriton(torch.autograd.Function):
+    """Fused attention of one kind: saves q, k, v, O and the float32 row statistic; backward in two kernels."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, kind: str,
+                bias: float, eps: float, sink: Tensor) -> Tensor:
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         B, H, N, D = q.shape
         M = k.shape[2]
         out = torch.empty_like(q)
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
         mask = _mask_args(attn_mask, q, (B, H, N, M))
-        meta = _meta(q.dtype, D, attn_mask is not None)
+        meta = _meta(q.dtype, D, attn_mask is not None, kind)
+        sink2 = (sink.detach().float() * LOG2E).contiguous()  # the kernels take base-2 logits
 
         def grid(kw):
             return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
 
         with _on_device(q):
             _FWD[grid](
-                q, k, v, mask[0], out, lse, scale * math.log2(math.e),
+                q, k, v, mask[0], sink2, out, lse, scale * LOG2E, bias * LOG2E, eps,
                 *_strides(q), *_strides(k), *_strides(v), *mask[1:], *_strides(out),
                 H, N, M, D, **meta, **_FWD_BLOCKS,
             )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, sink2)
+        ctx.scale, ctx.kind, ctx.bias = scale, kind, bias
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, sink2 = ctx.saved_tensors
         do = _unit_last(grad_out)
         B, H, N, D = q.shape
         M = k.shape[2]
         delta = (do.float() * out.float()).sum(dim=-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         mask = _mask_args(attn_mask, q, (B, H, N, M))
-        meta = _meta(q.dtype, D, attn_mask is not None)
+        meta = _meta(q.dtype, D, attn_mask is not None, ctx.kind)
         scale = ctx.scale
         common = (
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *mask[1:],
@@ -290,23 +364,40 @@ class CogAttentionTriton(torch.autograd.Function):
         def grid_q(kw):
             return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
 
-        qk_scale = scale * math.log2(math.e)
+        qk_scale, bias2 = scale * LOG2E, ctx.bias * LOG2E
         with _on_device(q):
             _DKDV[grid_kv](
-                q, k, v, do, mask[0], lse, delta, dk, dv, qk_scale, scale,
+                q, k, v, do, mask[0], lse, delta, dk, dv, qk_scale, scale, bias2,
                 *common, *_strides(dk), *_strides(dv), H, N, M, D, **meta, **_DKDV_BLOCKS,
             )  # fmt: skip
             _DQ[grid_q](
-                q, k, v, do, mask[0], lse, delta, dq, qk_scale, scale,
+                q, k, v, do, mask[0], lse, delta, dq, qk_scale, scale, bias2,
                 *common, *_strides(dq), H, N, M, D, **meta, **_DQ_BLOCKS,
             )  # fmt: skip
-        return dq, dk, dv, None, None
+        dsink = None
+        if ctx.kind == "softmax1" and ctx.needs_input_grad[8]:  # the sink key's weight 2^{c − L}, times −Δ
+            dsink = -(torch.exp2(sink2.view(1, H, 1) - lse) * delta).sum(dim=(0, 2))
+        return dq, dk, dv, None, None, None, None, None, dsink
 
 
-def cog_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+def attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    kind: str = "cog",
+    bias: float | None = None,
+    eps: float = 1e-6,
+    sink: float | Tensor = 0.0,
 ) -> Tensor:
-    """Fused Cog attention on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); see `uvit_cog.cog_attention`."""
+    """Fused attention of a kind in `KINDS` on CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
+
+    `bias` is sigmoid's b (default −log M), `eps` softpick's ε, `sink` softmax1's logit c (a float or an
+    (H,) tensor, differentiable); see `uvit_cog.attention`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"attention_triton: unknown kind {kind!r}; choose one of {KINDS}")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"impl='triton' needs q, k, v of one dtype among {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -315,10 +406,22 @@ def cog_attention_triton(
         raise ValueError(f"impl='triton' needs at least one query and one key, got N={q.shape[2]}, M={k.shape[2]}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"impl='triton' supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"impl='triton' needs v of q's head dim {q.shape[-1]}, got {v.shape[-1]}")
     if not INTERPRET and q.device.type != "cuda":
         raise ValueError(
             f"impl='triton' needs CUDA tensors, got {q.device}; use impl='cpu' on the CPU "
             "(or set TRITON_INTERPRET=1 before importing uvit_cog.kernels.triton_cog to test the kernels)"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return CogAttentionTriton.apply(q, k, v, attn_mask, scale)
+    bias = -math.log(k.shape[2]) if bias is None else float(bias)
+    if not isinstance(sink, Tensor):
+        sink = torch.full((q.shape[1],), float(sink), device=q.device)
+    return AttentionTriton.apply(q, k, v, attn_mask, scale, kind, bias, float(eps), sink)
+
+
+def cog_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """Fused Cog attention on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); see `uvit_cog.cog_attention`."""
+    return attention_triton(q, k, v, attn_mask, scale, kind="cog")

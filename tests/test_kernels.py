@@ -1,4 +1,4 @@
-"""Fused Cog attention kernels against the reference: Triton under the interpreter, the blocked CPU path.
+"""Fused attention kernels of every kind against the reference: Triton under the interpreter, the blocked CPU path.
 
 The Triton kernels run on CPU tensors through `TRITON_INTERPRET=1`. Triton reads that variable when
 it and the kernels are first imported, so those checks run once, all together, in a child process
@@ -6,6 +6,7 @@ that imports this module with the variable set; each case is then asserted here 
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +16,13 @@ import pytest
 import torch
 import uvit_cog.kernels.cpu as cpu_kernels
 from uvit_cog.kernels import triton_cog
-from uvit_cog.kernels.cpu import cog_attention_cpu
+from uvit_cog.kernels.cpu import attention_cpu, cog_attention_cpu
 
 import uvit_cog.attention as attention
-from uvit_cog import Attention, cog_attention, cog_attention_reference
+from uvit_cog import Attention, cog_attention
+from uvit_cog.attention import reference_attention
+
+KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
@@ -57,17 +61,30 @@ def assert_matches(checks):
         assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-def compare_to_reference(fn, N, M, D, dtype, mask_kind, magnitude=1.0, floor=1e-2):
-    """Errors of fn's output and dq, dk, dv against the reference, and whether the empty row is zero."""
+def kind_params(kind, M, learned_sink=False):
+    """The kind's parameters as the kernels take them: sigmoid's b = −log M, softpick's ε, a sink per head."""
+    if kind == "sigmoid":
+        return {"bias": -math.log(M)}
+    if kind == "softpick":
+        return {"eps": 1e-6}
+    if kind == "softmax1" and learned_sink:
+        return {"sink": torch.tensor([0.7, -1.5], requires_grad=True)}
+    return {}
+
+
+def compare_to_reference(fn, N, M, D, dtype, mask_kind, magnitude=1.0, floor=1e-2, kind="cog", learned_sink=False):
+    """Errors of fn's output and dq, dk, dv (and d sink) against the reference, and whether the empty row is zero."""
     (q, k, v), mask, grad = make_inputs(N, M, D, dtype, mask_kind, magnitude=magnitude)
-    out = fn(q, k, v, mask)
-    label = f"N={N} M={M} D={D} {dtype} mask={mask_kind} magnitude={magnitude}"
+    params = kind_params(kind, M, learned_sink)
+    inputs = (q, k, v, *params.values()) if learned_sink else (q, k, v)
+    out = fn(q, k, v, mask, kind=kind, **params)
+    label = f"{kind} N={N} M={M} D={D} {dtype} mask={mask_kind} magnitude={magnitude} sink={learned_sink}"
     if out.dtype != dtype or out.shape != (1, 2, N, D):
         return [f"{label}: output {out.dtype} {tuple(out.shape)}"]
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
-    ref = cog_attention_reference(q, k, v, mask)
-    want = (ref, *torch.autograd.grad(ref, (q, k, v), grad))
-    names = ("out", "dq", "dk", "dv")
+    got = (out, *torch.autograd.grad(out, inputs, grad))
+    ref = reference_attention(kind, q, k, v, mask, **params)
+    want = (ref, *torch.autograd.grad(ref, inputs, grad))
+    names = ("out", "dq", "dk", "dv", "dsink")[: len(got)]
     checks = [error(a, b, TOL[dtype], f"{name} {label}", floor) for name, a, b in zip(names, got, want, strict=True)]
     if mask_kind == "rows" and not (torch.all(out[0, 0, N // 2] == 0) and torch.all(got[1][0, 0, N // 2] == 0)):
         checks.append(f"{label}: the row with no kept key is not zero")
@@ -90,15 +107,25 @@ CASES = [  # (N, M, D, dtype, mask): every N, M != N, every D, both masks, both 
 # then ~0 and both sides carry rounding of dO·v − Δ, so errors are measured against 1 (the scale of
 # out and dv) rather than against max |dq|.
 LARGE = (33, 20, 32, torch.float32, "rows", 60.0, 1.0)
-TRITON_CASES = [(*case, 1.0) for case in CASES] + [LARGE]
+# The other kinds share the tiling, so fewer shapes cover them: M != N, D padded, both masks, both dtypes.
+KIND_CASES = [
+    (17, 40, 32, torch.float32, "rows"),
+    (65, 33, 72, torch.float32, "keys"),
+    (33, 17, 64, torch.float16, "rows"),
+    (40, 65, 32, torch.float16, None),
+]
+TRITON_CASES = [("cog", *case, 1.0) for case in CASES] + [("cog", *LARGE)]
+TRITON_CASES += [(kind, *case, 1.0) for kind in KINDS[1:] for case in KIND_CASES]
+TRITON_CASES += [(kind, *LARGE) for kind in KINDS[1:]]
 
 
 def triton_report() -> list:
-    """compare_to_reference for every Triton case; run in the interpreter child process."""
-    from uvit_cog.kernels.triton_cog import INTERPRET, cog_attention_triton
+    """compare_to_reference for every Triton case, and softmax1 with a learned sink; run in the interpreter child."""
+    from uvit_cog.kernels.triton_cog import INTERPRET, attention_triton
 
     assert INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
-    return [compare_to_reference(cog_attention_triton, *case) for case in TRITON_CASES]
+    checks = [compare_to_reference(attention_triton, *case[1:], kind=case[0]) for case in TRITON_CASES]
+    return checks + [compare_to_reference(attention_triton, *KIND_CASES[0], kind="softmax1", learned_sink=True)]
 
 
 @pytest.fixture(scope="module")
@@ -111,25 +138,40 @@ def interpreted_checks():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("index", range(len(TRITON_CASES)), ids=[str(c[:5]) for c in TRITON_CASES])
+TRITON_IDS = [str(c[:6]) for c in TRITON_CASES] + ["softmax1 learned sink"]
+
+
+@pytest.mark.parametrize("index", range(len(TRITON_IDS)), ids=TRITON_IDS)
 def test_triton_matches_reference(interpreted_checks, index):
-    """Forward and dq, dk, dv of the Triton kernels (interpreted) against the reference."""
+    """Forward and dq, dk, dv of the Triton kernels (interpreted) against the reference, for every kind."""
     assert_matches(interpreted_checks[index])
 
 
 @pytest.mark.parametrize("N,M,D,dtype,mask_kind", CASES + [(65, 33, 64, torch.bfloat16, "rows")])
 def test_cpu_matches_reference(N, M, D, dtype, mask_kind):
-    assert_matches(compare_to_reference(cog_attention_cpu, N, M, D, dtype, mask_kind))
+    assert_matches(compare_to_reference(attention_cpu, N, M, D, dtype, mask_kind))
 
 
+@pytest.mark.parametrize("kind", KINDS[1:])
+@pytest.mark.parametrize("case", KIND_CASES + [(65, 33, 64, torch.bfloat16, "rows")], ids=str)
+def test_cpu_kinds_match_reference(kind, case):
+    assert_matches(compare_to_reference(attention_cpu, *case, kind=kind))
+
+
+def test_cpu_learned_sink_gradient():
+    assert_matches(compare_to_reference(attention_cpu, *KIND_CASES[0], kind="softmax1", learned_sink=True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_large_scores_stay_finite(dtype):
+def test_cpu_large_scores_stay_finite(kind, dtype):
     """|s| up to about 1e4: outputs and gradients finite and equal to the reference, in every dtype."""
-    assert_matches(compare_to_reference(cog_attention_cpu, *LARGE[:3], dtype, *LARGE[4:]))
+    assert_matches(compare_to_reference(attention_cpu, *LARGE[:3], dtype, *LARGE[4:], kind=kind))
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("elements,heads_per_block,rows_per_block", [(130, 2, 9), (40, 1, 5)])
-def test_cpu_blocking_gradcheck(monkeypatch, elements, heads_per_block, rows_per_block):
+def test_cpu_blocking_gradcheck(monkeypatch, kind, elements, heads_per_block, rows_per_block):
     """float64 gradcheck with blocks split over heads, and over query rows (dK, dV summed across blocks)."""
     monkeypatch.setattr(cpu_kernels, "BLOCK_ELEMENTS", elements)
     heads, rows = next(iter(cpu_kernels._blocks(3, 9, 7)))
@@ -138,7 +180,7 @@ def test_cpu_blocking_gradcheck(monkeypatch, elements, heads_per_block, rows_per
     q, k, v = (torch.randn(1, 3, n, 4, generator=g, dtype=torch.float64).requires_grad_() for n in (9, 7, 7))
     mask = torch.rand(1, 1, 9, 7, generator=g) > 0.3
     mask[0, 0, 4] = False
-    assert torch.autograd.gradcheck(lambda q, k, v: cog_attention_cpu(q, k, v, mask, 0.7), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_cpu(q, k, v, mask, 0.7, kind=kind), (q, k, v))
 
 
 def test_cpu_blocks_hold_a_multiple_of_the_thread_count_of_heads(monkeypatch):
@@ -241,20 +283,23 @@ def test_triton_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    consts = {"HAS_MASK": True, "PRECISION": "tf32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    for kernel in (triton_cog._cog_fwd, triton_cog._cog_bwd_dkdv, triton_cog._cog_bwd_dq):
+    kinds = [(kind, triton_cog._cog_fwd) for kind in triton_cog.KINDS]
+    backward = (triton_cog._cog_bwd_dkdv, triton_cog._cog_bwd_dq)
+    kinds += [(kind, kernel) for kind in ("cog", "softpick") for kernel in backward]
+    for kind, kernel in kinds:
+        consts = {"HAS_MASK": True, "PRECISION": "tf32", "KIND": kind, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
         signature = {}
         for name in kernel.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
             elif name in pointers:
                 signature[name] = "*bf16"
-            elif name in ("Lse", "Delta"):
+            elif name in ("Lse", "Delta", "Sink"):
                 signature[name] = "*fp32"
             elif name == "Mask":
                 signature[name] = "*u8"
             else:
-                signature[name] = "fp32" if "scale" in name else "i32"
+                signature[name] = "fp32" if name in ("qk_scale", "scale", "bias2", "eps") else "i32"
         compiled = compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
