@@ -18,7 +18,8 @@ from diffusers import DDPMScheduler
 from omegaconf import DictConfig
 
 from uvit_cog.analysis import attention_statistics, collapse_probe, render_attention_maps, summarise_by_block
-from uvit_cog.data import ArrayDataset, load_npz_arrays
+from uvit_cog.data import ArrayDataset
+from uvit_cog.images import load_npz_arrays
 from uvit_cog.pipeline import load_pipeline
 
 

@@ -2,9 +2,11 @@
 
     python eval/evaluate.py input=samples/ reference=stats/cifar10_train.npz weights=offline
     python eval/evaluate.py input=../shared/data/cifar10.npz:x_train save_stats=stats/cifar10_train.npz
-    python eval/evaluate.py input=runs/cifar10 num_samples=10000 sampler.num_inference_steps=50 reference=...
+    python eval/evaluate.py input=runs/cifar10 num_samples=10000 scheduler=dpm_solver steps=50 reference=...
 
-Prints a table and writes the record (metrics, counts, reference, sampler settings, seed, weights) as JSON.
+A model input (pipeline or training-run directory) is sampled first (`uvit_cog.sampling.sample_and_evaluate`),
+with the sampling options of sample.py (scheduler, steps, guidance, classes). Prints a table and writes the
+record (metrics, counts, reference, sampler settings, seed, weights) as JSON.
 """
 
 import json
@@ -12,32 +14,72 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from uvit_cog.metrics import compute_metrics, format_table
+from uvit_cog.metrics import compute_metrics, format_table, input_kind, resolve_device
+from uvit_cog.pipeline import load_pipeline
+from uvit_cog.rundir import write_text_atomic
+from uvit_cog.sampling import sample_and_evaluate
+from uvit_cog.schedule import SCHEDULERS
+
+
+def evaluate_model(cfg: DictConfig) -> dict:
+    """Sample `cfg.num_samples` images from the model directory `cfg.input`, then score them."""
+    if not cfg.num_samples:
+        raise ValueError(f"{cfg.input} is a model: set num_samples, the number of images to generate")
+    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)} or null")
+    classes = cfg.classes
+    if isinstance(classes, ListConfig):
+        classes = OmegaConf.to_container(classes)
+    elif classes is not None:
+        classes = [classes]  # classes=3: one class
+    pipeline = load_pipeline(cfg.input).to(resolve_device(cfg.device))
+    pipeline.set_progress_bar_config(disable=True)
+    record = sample_and_evaluate(
+        pipeline,
+        cfg.num_samples,
+        cfg.reference,
+        metrics=list(cfg.metrics),
+        weights=cfg.weights,
+        scheduler=cfg.scheduler,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        class_labels=classes,
+        seed=cfg.seed,
+        batch_size=cfg.sample_batch_size,
+        inception_batch_size=cfg.batch_size,
+        kid_subset_size=cfg.kid_subset_size,
+        samples_dir=cfg.samples_dir,
+        save_stats=cfg.save_stats,
+        progress=cfg.progress,
+    )
+    record["input"].update(spec=str(cfg.input), kind="model", samples_dir=cfg.samples_dir)
+    return record
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    record = compute_metrics(
-        cfg.input,
-        cfg.reference,
-        metrics=list(cfg.metrics),
-        weights=cfg.weights,
-        num_samples=cfg.num_samples,
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        seed=cfg.seed,
-        sampler=OmegaConf.to_container(cfg.sampler),
-        samples_dir=cfg.samples_dir,
-        kid_subset_size=cfg.kid_subset_size,
-        save_stats=cfg.save_stats,
-        progress=cfg.progress,
-    )
+    if input_kind(cfg.input) == "model":
+        record = evaluate_model(cfg)
+    else:
+        record = compute_metrics(
+            cfg.input,
+            cfg.reference,
+            metrics=list(cfg.metrics),
+            weights=cfg.weights,
+            num_samples=cfg.num_samples,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            seed=cfg.seed,
+            kid_subset_size=cfg.kid_subset_size,
+            save_stats=cfg.save_stats,
+            progress=cfg.progress,
+        )
     print(format_table(record))
     out = Path(cfg.out or Path(HydraConfig.get().runtime.output_dir) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    write_text_atomic(out, json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 

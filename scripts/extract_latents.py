@@ -1,4 +1,4 @@
-"""Encode an ImageNet-layout image folder into VAE latents for latent-space training (data=latents).
+"""Encode a class folder (root/<class>/<image>, the ImageNet layout) into VAE latents (data=latents).
 
     python scripts/extract_latents.py --data-root /path/to/imagenet/train --out /path/to/latents
     # several GPUs or machines: one process per worker, same --out
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,16 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from uvit_cog.data import LATENT_META, ImageFolderDataset, shard_paths
+from uvit_cog.data import LATENT_META, ClassFolderDataset, shard_paths
+from uvit_cog.rundir import atomic_write, write_text_atomic
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    """np.save through a temporary name, so an interruption never leaves a truncated shard."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """np.save through `rundir.atomic_write`, so an interruption never leaves a truncated shard."""
+    with atomic_write(path) as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def write_meta(out: Path, meta: dict) -> None:
@@ -47,9 +45,7 @@ def write_meta(out: Path, meta: dict) -> None:
             diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
             raise ValueError(f"{out} holds latents of another extraction (old, new): {diff}; use another --out")
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(meta, indent=1))
 
 
 @torch.no_grad()
@@ -62,7 +58,7 @@ def extract_latents(data_root: str | Path, out: str | Path, vae: str = DEFAULT_V
         raise ValueError(f"--worker {worker} must be in [0, --num-workers={num_workers})")
     if resolution % 8:
         raise ValueError(f"--resolution {resolution} must be a multiple of 8 (the VAE downsamples by 8)")
-    dataset = ImageFolderDataset(data_root, resolution)
+    dataset = ClassFolderDataset(data_root, resolution)
     autoencoder = AutoencoderKL.from_pretrained(vae).to(device).eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +91,7 @@ def extract_latents(data_root: str | Path, out: str | Path, vae: str = DEFAULT_V
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True, help="ImageNet-layout folder: root/<class>/<image>")
+    parser.add_argument("--data-root", required=True, help="class folder (ImageNet layout): root/<class>/<image>")
     parser.add_argument("--out", required=True, help="output folder (resumes if it exists)")
     parser.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: Hub id or local folder")
     parser.add_argument("--resolution", type=int, default=256)

@@ -1,58 +1,26 @@
 """Datasets: .npz arrays, image folders, digits, VAE latent extraction and loading, the global batch sampler."""
 
-import importlib.util
+import io
 import json
-from pathlib import Path
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script, make_image_folder, tiny_vae_dir
 from diffusers import AutoencoderKL
 from PIL import Image
 
 from uvit_cog.data import (
     ArrayDataset,
+    ClassFolderDataset,
     GlobalBatchSampler,
-    ImageFolderDataset,
     LatentDataset,
     build_dataset,
-    load_npz_arrays,
     sample_latents,
     shard_paths,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    """Import a script from scripts/ (not a package) by path."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, seed: int = 0) -> Path:
-    """An ImageNet-layout folder of random RGB images of varied, non-square sizes."""
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
-
-
-def tiny_vae_dir(path: Path) -> Path:
-    """A randomly initialised AutoencoderKL (downsampling by 2, 4 latent channels) saved with save_pretrained."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=16,
-    )
-    vae.save_pretrained(path)
-    return path
+from uvit_cog.images import load_npz_arrays
 
 
 def test_npz_grayscale_becomes_one_channel_resized(mnist_npz):
@@ -76,9 +44,18 @@ def test_npz_adm_layout_and_unlabelled(tmp_path):
         build_dataset(dict(kind="npz", path=tmp_path / "adm.npz", resolution=8, channels=3, num_classes=10))
     with pytest.raises(ValueError, match="data.channels=3"):
         build_dataset(dict(kind="npz", path=tmp_path / "adm.npz", resolution=8, channels=1, num_classes=0))
-    np.savez(tmp_path / "odd.npz", images=images)
-    with pytest.raises(ValueError, match="x_train"):
+    # conf/data/npz.yaml's split: train on an ADM file reads arr_0, as before.
+    assert len(build_dataset(dict(kind="npz", path=tmp_path / "adm.npz", split="train", resolution=8, channels=3,
+                                  num_classes=0))) == 5  # fmt: skip
+    # The one syntax FILE.npz:KEY; without it, the file's only image array.
+    np.savez(tmp_path / "odd.npz", images=images, more=images[:2])
+    ds = build_dataset(dict(kind="npz", path=f"{tmp_path / 'odd.npz'}:more", resolution=8, channels=3, num_classes=0))
+    assert len(ds) == 2
+    with pytest.raises(ValueError, match="odd.npz:KEY"):
         build_dataset(dict(kind="npz", path=tmp_path / "odd.npz", resolution=8, channels=3, num_classes=0))
+    with pytest.raises(ValueError, match="x_train"):
+        build_dataset(dict(kind="npz", path=tmp_path / "odd.npz", split="train", resolution=8, channels=3,
+                           num_classes=0))  # fmt: skip
 
 
 def test_digits_ship_with_scikit_learn():
@@ -89,7 +66,7 @@ def test_digits_ship_with_scikit_learn():
 
 def test_image_folder_center_crops_to_resolution(tmp_path):
     root = make_image_folder(tmp_path / "train")
-    ds = ImageFolderDataset(root, 16)
+    ds = ClassFolderDataset(root, 16)
     assert ds.classes == ["cat", "dog"] and len(ds) == 6
     x, y = ds[4]
     assert x.shape == (3, 16, 16) and int(y) == 1
@@ -127,7 +104,7 @@ def test_extract_latents_then_load(tmp_path):
     assert moments.shape == (8, 8, 8)
 
     # Shard 0 holds images 0..3, then their flips: the flip's moments are those of the flipped image.
-    images = ImageFolderDataset(root, 16)
+    images = ClassFolderDataset(root, 16)
     vae = AutoencoderKL.from_pretrained(vae_dir)
     with torch.no_grad():
         want = vae.encode(torch.stack([images[1][0], images[1][0].flip(-1)])).latent_dist.parameters
@@ -162,3 +139,80 @@ def test_array_dataset_rejects_bad_arrays():
         ArrayDataset(np.zeros((2, 8, 8, 3), dtype=np.float32), None, 8)
     with pytest.raises(ValueError, match="square"):
         ArrayDataset(np.zeros((2, 8, 6, 3), dtype=np.uint8), None, 8)
+
+
+class Planted:
+    """A pickle that writes a file if it is ever unpickled."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).write_text, (self.marker, "pickle executed"))
+
+
+@pytest.mark.parametrize("content", ["text", "pickle"])
+def test_npz_data_path_that_is_not_an_npz_names_the_path(tmp_path, content):
+    path, marker = tmp_path / ("train.txt" if content == "text" else "train.pkl"), tmp_path / "executed"
+    if content == "text":
+        path.write_text("1,2,3\n")
+    else:
+        path.write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(ValueError, match=f"{path}: not an .npz archive") as error:
+        build_dataset(dict(kind="npz", path=str(path), resolution=8, channels=3, num_classes=0))
+    assert "pickled data" not in str(error.value) and not marker.exists()
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        build_dataset(dict(kind="npz", path=str(tmp_path / "missing.npz"), resolution=8, channels=3, num_classes=0))
+
+
+COLOUR = (200, 40, 90)
+
+
+def fault_folder(root):
+    """A class folder with one constant-colour image per PIL mode a training set meets, and a small one."""
+    (root / "modes").mkdir(parents=True)
+    rgb = Image.new("RGB", (24, 20), COLOUR)
+    rgb.convert("CMYK").save(root / "modes" / "cmyk.tif")
+    Image.merge("RGBA", (*rgb.split(), Image.new("L", rgb.size, 0))).save(root / "modes" / "rgba.png")  # transparent
+    rgb.quantize(4).save(root / "modes" / "palette.png")
+    Image.new("L", (20, 24), 120).save(root / "modes" / "gray.png")
+    Image.fromarray(np.full((20, 20), 30000, np.uint16)).save(root / "modes" / "gray16.png")
+    Image.new("RGB", (5, 7), COLOUR).save(root / "modes" / "small.jpg", quality=100)  # smaller than 16x16
+    return root
+
+
+def test_class_folder_converts_every_mode_and_upsamples_small_images(tmp_path):
+    ds = build_dataset(dict(kind="folder", root=fault_folder(tmp_path / "train"), resolution=16, channels=3,
+                            num_classes=1))  # fmt: skip
+    expected = {"cmyk.tif": COLOUR, "rgba.png": COLOUR, "palette.png": COLOUR, "gray.png": (120,) * 3,
+                "gray16.png": (round(30000 / 257),) * 3, "small.jpg": COLOUR}  # fmt: skip
+    assert sorted(p.name for p, _ in ds.items) == sorted(expected)
+    for i, (path, _) in enumerate(ds.items):
+        x, _ = ds[i]
+        assert x.shape == (3, 16, 16), path.name
+        want = torch.tensor(expected[path.name], dtype=torch.float32).div(127.5).sub(1).view(3, 1, 1)
+        tolerance = 3 / 127.5 if path.suffix == ".jpg" else 1e-6
+        assert (x - want).abs().max() <= tolerance, path.name
+
+
+@pytest.mark.parametrize("fault", ["truncated", "corrupt"])
+def test_class_folder_stops_at_an_undecodable_file_naming_it(tmp_path, fault):
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()[: len(buffer.getvalue()) // 2] if fault == "truncated" else b"\x89PNG junk" * 10
+    (root / "dog" / "9.png").write_bytes(data)
+    ds = ClassFolderDataset(root, 16)
+    assert ds[0][0].shape == (3, 16, 16)  # the intact images still load
+    with pytest.raises(OSError, match="dog/9.png: cannot decode this image"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
+
+
+def test_class_folder_empty_cases_are_stopped(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class subfolders"):
+        build_dataset(dict(kind="folder", root=tmp_path / "empty", resolution=16, channels=3, num_classes=0))
+    root = make_image_folder(tmp_path / "train", per_class=1)
+    (root / "emu").mkdir()
+    with pytest.raises(ValueError, match=r"\['emu'\]"):
+        build_dataset(dict(kind="folder", root=root, resolution=16, channels=3, num_classes=3))

@@ -1,39 +1,49 @@
 """Metrics: the offline Inception conversion, FID/KID maths on real CIFAR-10 features, statistics files,
-input kinds and bad inputs, a model directory as input. Inception runs at ~10 images/s on these CPUs, so
-features of 56 images are extracted once per session and the maths is tested on them."""
+input kinds and bad inputs, a model sampled then measured (sampling.sample_and_evaluate, eval/evaluate.py),
+the layering. Inception runs at ~20 images/s on these CPUs, so features of 56 images are extracted once per
+session and the maths is tested on them."""
 
+import ast
 import json
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from uvit_cog.metrics import (
+from uvit_cog import load_pipeline
+from uvit_cog.images import as_rgb_uint8, load_images
+from uvit_cog.inception import (
     POOL_EXTRACTOR,
-    UNAVAILABLE,
     InceptionWeights,
-    Statistics,
-    as_rgb_uint8,
     cache_dir,
-    compute_metrics,
     create_inception,
-    extract_features,
     fid_helper_torchscript,
+    offline_inception_weights,
+    resolve_weights,
+)
+from uvit_cog.metrics import (
+    UNAVAILABLE,
+    Statistics,
+    compute_metrics,
+    extract_features,
     format_table,
     frechet_distance,
     input_kind,
-    load_images,
     load_statistics,
     metrics_from_features,
-    offline_inception_weights,
-    resolve_weights,
     save_statistics,
 )
+from uvit_cog.sampling import sample_and_evaluate
 
+ROOT = Path(__file__).resolve().parents[1]
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"
 FID, KID = "frechet_inception_distance", "kernel_inception_distance_mean"
 
@@ -208,8 +218,11 @@ def bad_inputs(tmp: Path) -> dict:
     Image.new("RGB", (32, 32)).save(tmp / "mixed" / "a.png")
     Image.new("RGB", (64, 48)).save(tmp / "mixed" / "b.png")
     np.savez(tmp / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    np.savez(tmp / "two.npz", x_train=np.zeros((2, 8, 8, 3), np.uint8), x_test=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(tmp / "two.npz", a=np.zeros((2, 8, 8, 3), np.uint8), b=np.zeros((2, 8, 8, 3), np.uint8))
     np.savez(tmp / "stats_in.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp / "stats.txt").write_text("mu sigma")
+    (tmp / "run" / "pipeline").mkdir(parents=True)
+    (tmp / "run" / "pipeline" / "model_index.json").write_text("{}")
     images = np.zeros((4, 8, 8, 3), np.uint8)
     return {
         "empty folder": ((tmp / "empty", None), {}, ValueError, "no images"),
@@ -221,13 +234,17 @@ def bad_inputs(tmp: Path) -> dict:
         "too few images": ((images, None), {"num_samples": 5}, ValueError, "only 4 images"),
         "unknown metric": ((images, None), {"metrics": ("fid", "lpips")}, ValueError, "lpips"),
         "statistics as input": ((tmp / "stats_in.npz", None), {}, ValueError, "only be the reference"),
+        "text as statistics": ((images, tmp / "stats.txt"), {}, ValueError, "stats.txt: expected an image folder"),
+        "model as input": ((tmp / "run", None), {}, ValueError, "is a model directory: sample it first"),
+        "model as reference": ((images, tmp / "run"), {}, ValueError, "model directory: sample it first"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["empty folder", "mixed sizes", "missing statistics", "float pixels", "ambiguous npz", "missing npz key",
-     "too few images", "unknown metric", "statistics as input"],
+     "too few images", "unknown metric", "statistics as input", "text as statistics", "model as input",
+     "model as reference"],
 )  # fmt: skip
 def test_bad_inputs_fail_before_work(tmp_path, case):
     (source, reference), kwargs, error, message = bad_inputs(tmp_path)[case]
@@ -235,20 +252,62 @@ def test_bad_inputs_fail_before_work(tmp_path, case):
         compute_metrics(source, reference, weights="no-such-weights.pth", **kwargs)  # weights resolve after checks
 
 
-def test_model_directory_generates_the_requested_count(tmp_path, weights):
-    from diffusers import DDIMScheduler
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A training-run directory whose final export is conftest's tiny class-conditional pipeline (8x8)."""
+    run = tmp_path_factory.mktemp("run")
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    return run
 
-    from uvit_cog import UViTModel, UViTPipeline
 
-    torch.manual_seed(0)
-    model = UViTModel(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    UViTPipeline(model.eval(), DDIMScheduler()).save_pretrained(tmp_path / "run" / "pipeline")  # run-dir layout
-    with pytest.raises(ValueError, match="num_samples"):
-        compute_metrics(tmp_path / "run", weights=weights)
-    sampler = {"batch_size": 3, "num_inference_steps": 2, "guidance_scale": 1.5}
-    record = compute_metrics(tmp_path / "run", metrics=("fid",), num_samples=5, sampler=sampler, seed=3,
-                             samples_dir=tmp_path / "samples", weights=weights, progress=False)  # fmt: skip
-    assert record["input"]["kind"] == "model" and record["input"]["num_images"] == 5
-    assert len(list((tmp_path / "samples").glob("*.png"))) == 5
-    assert record["sampler"] == sampler | {"num_samples": 5} and record["seed"] == 3
-    assert record["metrics"][FID] == UNAVAILABLE and record["unavailable"][FID] == "no reference"
+def test_sample_and_evaluate_samples_then_measures(tmp_path, weights, stats, run_dir):
+    pipe = load_pipeline(run_dir)
+    pipe.set_progress_bar_config(disable=True)
+    reference = Statistics(stats["b"].mu, stats["b"].sigma, 24, {"weights": "offline"})
+    settings = dict(metrics=("fid",), weights=weights, scheduler="ddim", num_inference_steps=2, guidance_scale=1.5,
+                    class_labels=["cat", 2], seed=3, batch_size=3, progress=False)  # fmt: skip
+    for bad, message in [(dict(metrics=("lpips",)), "lpips"), (dict(reference=run_dir), "sample it first"),
+                         (dict(reference=tmp_path / "missing.npz"), "missing.npz")]:  # fmt: skip
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            sample_and_evaluate(pipe, 5, **{"reference": reference, **settings, **bad, "samples_dir": tmp_path / "x"})
+    assert not (tmp_path / "x").exists()  # refused before any image was generated
+
+    record = sample_and_evaluate(pipe, 5, reference, samples_dir=tmp_path / "kept", **settings)
+    assert record["input"]["num_images"] == 5 and len(list((tmp_path / "kept").glob("*.png"))) == 5
+    assert record["sampler"] == {"scheduler": "ddim", "steps": 2, "guidance": 1.5, "classes": ["cat", 2],
+                                 "batch_size": 3, "num_samples": 5, "num_processes": 1}  # fmt: skip
+    assert record["seed"] == 3 and record["timing_s"]["generate"] > 0 and 0 < record["metrics"][FID] < np.inf
+
+    # Scratch samples: a stale image of another model in the folder is not reused, and the folder goes.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(scratch / "000000.png")
+    again = sample_and_evaluate(pipe, 5, reference, samples_dir=scratch, delete_samples=True, **settings)
+    assert again["metrics"][FID] == pytest.approx(record["metrics"][FID], rel=1e-6) and not scratch.exists()
+
+
+def test_evaluate_py_samples_a_model_with_the_sample_py_vocabulary(tmp_path, weights, run_dir, monkeypatch):
+    out = tmp_path / "metrics.json"
+    argv = ["eval/evaluate.py", f"input={run_dir}", "num_samples=4", "scheduler=ddim", "steps=2", "guidance=1.5",
+            "classes=1", "sample_batch_size=2", "metrics=[fid]", f"weights={weights.path}", "progress=false",
+            f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "eval" / "evaluate.py"), run_name="__main__")  # `python eval/evaluate.py ...`
+    record = json.loads(out.read_text())
+    assert record["input"] | {"spec": str(run_dir), "kind": "model", "num_images": 4} == record["input"]
+    assert record["sampler"]["classes"] == [1] and record["sampler"]["steps"] == 2
+    assert record["sampler"]["scheduler"] == "ddim" and record["weights"]["source"] == "user"
+    assert record["unavailable"][FID] == "no reference"
+
+
+def test_metrics_never_sample_and_registration_is_explicit():
+    # Layering: the metrics stack imports neither the pipeline nor the sampling code, at any depth of the file.
+    for name in ("metrics", "images", "inception"):
+        tree = ast.parse((ROOT / "uvit_cog" / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"pipeline", "sampling", "model", "uvit_cog.pipeline", "uvit_cog.sampling"}, name
+    # Importing uvit_cog.inception leaves torch-fidelity's registry alone; create_inception registers.
+    code = ("import uvit_cog.inception as i, torch_fidelity.registry as r; "
+            "assert i.POOL_EXTRACTOR not in r.FEATURE_EXTRACTORS_REGISTRY; i.register_pool_extractor(); "
+            "assert i.POOL_EXTRACTOR in r.FEATURE_EXTRACTORS_REGISTRY")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

