@@ -11,6 +11,7 @@ from .attention import (
 )
 from .model import PRESETS, UViTModel, UViTModelOutput
 from .pipeline import UViTPipeline, load_pipeline
+from .processors import load_model, set_attention
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -24,5 +25,7 @@ __all__ = [
     "cog_attention",
     "cog_attention_reference",
     "cog_weights",
+    "load_model",
     "load_pipeline",
+    "set_attention",
 ]
