@@ -23,6 +23,12 @@ from uvit_cog.sampling import sample_and_evaluate
 from uvit_cog.schedule import SCHEDULERS
 
 
+def measure_options(cfg: DictConfig) -> dict:
+    """The options of the measurement itself, the same for image and model inputs."""
+    return dict(metrics=list(cfg.metrics), weights=cfg.weights, seed=cfg.seed, kid_subset_size=cfg.kid_subset_size,
+                save_stats=cfg.save_stats, progress=cfg.progress)
+
+
 def evaluate_model(cfg: DictConfig) -> dict:
     """Sample `cfg.num_samples` images from the model directory `cfg.input`, then score them."""
     if not cfg.num_samples:
@@ -37,22 +43,9 @@ def evaluate_model(cfg: DictConfig) -> dict:
     pipeline = load_pipeline(cfg.input).to(resolve_device(cfg.device))
     pipeline.set_progress_bar_config(disable=True)
     record = sample_and_evaluate(
-        pipeline,
-        cfg.num_samples,
-        cfg.reference,
-        metrics=list(cfg.metrics),
-        weights=cfg.weights,
-        scheduler=cfg.scheduler,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
-        class_labels=classes,
-        seed=cfg.seed,
-        batch_size=cfg.sample_batch_size,
-        inception_batch_size=cfg.batch_size,
-        kid_subset_size=cfg.kid_subset_size,
-        samples_dir=cfg.samples_dir,
-        save_stats=cfg.save_stats,
-        progress=cfg.progress,
+        pipeline, cfg.num_samples, cfg.reference, scheduler=cfg.scheduler, num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance, class_labels=classes, batch_size=cfg.sample_batch_size,
+        inception_batch_size=cfg.batch_size, samples_dir=cfg.samples_dir, **measure_options(cfg),
     )
     record["input"].update(spec=str(cfg.input), kind="model", samples_dir=cfg.samples_dir)
     return record
@@ -63,19 +56,8 @@ def main(cfg: DictConfig) -> None:
     if input_kind(cfg.input) == "model":
         record = evaluate_model(cfg)
     else:
-        record = compute_metrics(
-            cfg.input,
-            cfg.reference,
-            metrics=list(cfg.metrics),
-            weights=cfg.weights,
-            num_samples=cfg.num_samples,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
-            seed=cfg.seed,
-            kid_subset_size=cfg.kid_subset_size,
-            save_stats=cfg.save_stats,
-            progress=cfg.progress,
-        )
+        record = compute_metrics(cfg.input, cfg.reference, num_samples=cfg.num_samples, batch_size=cfg.batch_size,
+                                 device=cfg.device, **measure_options(cfg))
     print(format_table(record))
     out = Path(cfg.out or Path(HydraConfig.get().runtime.output_dir) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
