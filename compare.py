@@ -22,13 +22,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from uvit_cog import UViTModel
+from uvit_cog.rundir import is_pipeline_dir, run_summary
 
 
 def train_run(cfg: DictConfig, model: str, experiment: str, seed: int) -> Path:
     """Train (or resume, or keep) one model with one seed; returns its run directory."""
     run_dir = Path(cfg.out_dir) / f"{model}_seed{seed}"
-    if (run_dir / "pipeline" / "model_index.json").is_file():
+    if is_pipeline_dir(run_dir / "pipeline"):
         print(f"[compare] {run_dir} is finished; keeping it")
         return run_dir
     args = [f"experiment={experiment}", f"seed={seed}", f"run_dir={run_dir}", f"name={model}_seed{seed}",
@@ -40,25 +40,6 @@ def train_run(cfg: DictConfig, model: str, experiment: str, seed: int) -> Path:
         raise SystemExit(f"compare.py: training {model} (seed {seed}) failed; see its output above. Fix the "
                          "cause and run the same command again: finished runs are kept, the rest resume.")
     return run_dir
-
-
-def read_run(run_dir: Path) -> dict:
-    """Loss curve, FID curve, training speed and parameter count of a finished run."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    fids = [(r["step"], r["fid"]) for r in records if "fid" in r]
-    speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
-    index = json.loads((run_dir / "pipeline" / "transformer" / "config.json").read_text())
-    model = UViTModel.from_config(index)
-    return dict(
-        run_dir=str(run_dir),
-        loss=losses,
-        fid=fids,
-        final_loss=statistics.fmean(loss for _, loss in losses[-5:]),
-        final_fid=fids[-1][1] if fids else float("nan"),
-        images_per_s=statistics.median(speeds),
-        parameters=sum(p.numel() for p in model.parameters()),
-    )
 
 
 def verdict(results: dict[str, dict[int, dict]]) -> str:
@@ -140,7 +121,7 @@ def main(cfg: DictConfig) -> None:
     results: dict[str, dict[int, dict]] = {m: {} for m in cfg.compare.experiments}
     for seed in cfg.seeds:  # seeds outermost: an interrupted comparison has both models for the first seeds
         for model, experiment in cfg.compare.experiments.items():
-            results[model][int(seed)] = read_run(train_run(cfg, model, experiment, int(seed)))
+            results[model][int(seed)] = run_summary(train_run(cfg, model, experiment, int(seed)))
     print(write_report(cfg, results).read_text())
 
 

@@ -5,23 +5,29 @@
     accelerate launch --multi_gpu --num_processes 8 train.py experiment=imagenet64_uvic_m4 data.root=...
     accelerate launch --multi_gpu --num_processes 2 train.py train.cpu=true   # several CPU processes (gloo)
 
-Everything lands in `run_dir` (see `uvit_cog.train_utils`): config.yaml, metrics.jsonl, sample grids,
-atomic checkpoints with the EMA exported as a `UViTPipeline`, and the final export `RUN/pipeline/`.
-A run that dies continues from its latest checkpoint when started again (`resume=auto`).
+Everything lands in `run_dir` (the layout: `uvit_cog.rundir`): config.yaml, metrics.jsonl, sample grids,
+verified atomic checkpoints with the EMA exported as a `UViTPipeline` (`uvit_cog.checkpoints`), and the final
+export `RUN/pipeline/`. A run that dies continues from its newest intact checkpoint when started again
+(`resume=auto`). This file is the only place that reads the Hydra config: the library gets explicit values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
@@ -29,47 +35,236 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from uvit_cog import UViTModel, UViTPipeline
-from uvit_cog.data import GlobalBatchSampler, build_dataset, read_latent_meta, sample_latents
-from uvit_cog.schedule import scheduler_config
-from uvit_cog.train_utils import (
+from uvit_cog.checkpoints import (
+    TRAIN_STATE,
+    export_final_pipeline,
+    export_pipeline,
+    load_checkpoint,
+    recover_checkpoints,
+    save_checkpoint,
+    select_checkpoint,
+)
+from uvit_cog.data import DATA_KINDS, GlobalBatchSampler, build_dataset, read_latent_meta, sample_latents
+from uvit_cog.metrics import compute_metrics
+from uvit_cog.model import PRESETS
+from uvit_cog.rundir import MetricsLog, RunLock, atomic_write, read_config, write_config
+from uvit_cog.sampling import generate_samples, sample_grid
+from uvit_cog.schedule import SCHEDULERS, scheduler_config
+from uvit_cog.training import (
     GlobalBatchRandom,
-    MetricsLogger,
     check_ranks_in_sync,
     diffusion_loss,
     ema_decay_at,
-    evaluate_fid,
-    export_final_pipeline,
-    export_pipeline,
-    find_resume_checkpoint,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    save_sample_grid,
     update_ema,
-    validate_config,
-    write_config,
 )
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+NONFINITE = ("skip", "stop")
+# The path field each data kind needs, and what it should point at (for the error message).
+DATA_PATHS = {
+    "npz": ("path", "/path/to/images.npz (uint8 NHWC arrays x_train/y_train, or ADM's arr_0)"),
+    "folder": ("root", "/path/to/train (ImageNet layout: one subfolder per class)"),
+    "latents": ("root", "/path/to/latents (written by scripts/extract_latents.py)"),
+    "cifar10": ("root", "/path/to/cifar10 (torchvision downloads CIFAR-10 there with data.download=true)"),
+}
+# pip names of accelerate's trackers where they differ from the tracker name.
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config, checked before any work
+
+
+def model_kwargs(cfg: DictConfig) -> dict:
+    """The `UViTModel` arguments of the `model` group: its preset's sizes (model.PRESETS, the one place they
+    live) under the fields the config sets; a field left null takes the preset's value."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if v is not None}
+    preset = kwargs.pop("preset", None)
+    return {**PRESETS[preset], **kwargs} if preset else kwargs
 
 
 def build_model(cfg: DictConfig) -> UViTModel:
-    """The `model` config group: a preset name (null for none) plus every `UViTModel` argument."""
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    preset = kwargs.pop("preset")
-    return UViTModel.from_preset(preset, **kwargs) if preset else UViTModel(**kwargs)
+    """The model the config describes, freshly initialised."""
+    return UViTModel(**model_kwargs(cfg))
+
+
+def validate_config(cfg: DictConfig, num_processes: int) -> None:
+    """Stop before any work on a config that cannot train, naming the field and the fix."""
+    t = cfg.train
+    per_step = num_processes * t.grad_accum
+    if t.batch_size <= 0 or t.grad_accum <= 0 or t.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} (the global batch) must be a positive multiple of "
+            f"processes × train.grad_accum = {num_processes} × {t.grad_accum} = {per_step}: "
+            f"set train.batch_size to a multiple of {per_step} or change train.grad_accum"
+        )
+    if t.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"train.mixed_precision={t.mixed_precision!r}: choose one of {MIXED_PRECISION}")
+    if t.nonfinite not in NONFINITE:
+        raise ValueError(f"train.nonfinite={t.nonfinite!r}: choose one of {NONFINITE}")
+    if t.steps <= 0:
+        raise ValueError(f"train.steps={t.steps}: set a positive number of optimiser steps")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1), e.g. 0.9999")
+    if not 0.0 <= t.label_dropout < 1.0:
+        raise ValueError(f"train.label_dropout={t.label_dropout}: must be in [0, 1), e.g. 0.1")
+    if t.label_dropout > 0 and cfg.model.num_classes == 0:
+        raise ValueError("train.label_dropout > 0 needs a class-conditional model: set train.label_dropout=0 "
+                         "or model.num_classes=data.num_classes")
+    if cfg.log.keep_checkpoints < 1:
+        raise ValueError(f"log.keep_checkpoints={cfg.log.keep_checkpoints}: keep at least 1")
+    for group in ("sample", "fid"):
+        if cfg.model.num_classes == 0 and cfg[group].guidance != 1.0:
+            raise ValueError(f"{group}.guidance must be 1.0 for an unconditional model "
+                             "(classifier-free guidance needs class labels)")
+        if cfg[group].scheduler not in SCHEDULERS:
+            raise ValueError(f"{group}.scheduler={cfg[group].scheduler!r}: choose one of {sorted(SCHEDULERS)}")
+    scheduler_config(**cfg.diffusion)  # raises on an unknown schedule or prediction type
+    if cfg.diffusion.clip_sample and cfg.data.kind == "latents":
+        raise ValueError("diffusion.clip_sample=true clips to [-1, 1], which latents are not bounded by: "
+                         "set diffusion.clip_sample=false for latent models")
+    _validate_data(cfg)
+    _validate_model(cfg)
+    _validate_trackers(cfg)
+    if cfg.fid.every > 0 and not cfg.fid.reference:
+        raise ValueError("fid.every > 0 needs fid.reference=<statistics .npz, image folder or .npz of the data> "
+                         "(or set fid.every=0)")
+    if cfg.resume not in ("auto", "never") and not (Path(cfg.resume) / TRAIN_STATE).is_file():
+        raise FileNotFoundError(
+            f"resume={cfg.resume}: not a checkpoint (no {TRAIN_STATE}); use resume=auto, resume=never or a "
+            "path like RUN/checkpoints/step_0010000"
+        )
+    check_run_dir(cfg.run_dir)
+    _validate_same_model(cfg)
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    kind = cfg.data.kind
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data.kind={kind!r}: choose one of {DATA_KINDS}")
+    if kind not in DATA_PATHS:
+        return
+    field, what = DATA_PATHS[kind]
+    if OmegaConf.is_missing(cfg.data, field) or not cfg.data[field]:
+        raise ValueError(f"data.{field} is not set: data={kind} needs data.{field}={what}")
+    if not Path(cfg.data[field]).exists() and not (kind == "cifar10" and cfg.data.download):
+        raise FileNotFoundError(f"data.{field}={cfg.data[field]} does not exist: set data.{field}={what}")
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if m.preset is not None and m.preset not in PRESETS:
+        raise ValueError(f"model.preset={m.preset!r}: choose one of {sorted(PRESETS)} or null (sizes given)")
+    for field, data_field in (("sample_size", "resolution"), ("in_channels", "channels")):
+        if m[field] != d[data_field]:
+            raise ValueError(
+                f"model.{field}={m[field]} but data.{data_field}={d[data_field]}: they must agree "
+                f"(drop the model.{field} override or set model.{field}={d[data_field]})"
+            )
+    if m.num_classes not in (0, d.num_classes):
+        raise ValueError(
+            f"model.num_classes={m.num_classes} but the data has {d.num_classes} classes: "
+            f"set model.num_classes={d.num_classes} (class-conditional) or 0 (unconditional)"
+        )
+
+
+def _validate_trackers(cfg: DictConfig) -> None:
+    """Every `log.trackers` entry is one of accelerate's trackers and its package is installed."""
+    imports = importlib.import_module("accelerate.utils.imports")
+    for name in cfg.log.trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"log.trackers: unknown tracker {name!r}; accelerate supports "
+                             f"{sorted(LOGGER_TYPE_TO_CLASS)}")
+        if not getattr(imports, f"is_{name}_available")():
+            package = TRACKER_PACKAGES.get(name, name)
+            raise ModuleNotFoundError(f"log.trackers includes {name!r} but its package is not installed: "
+                                      f"pip install {package}  (or drop it from log.trackers)")
+
+
+def _validate_same_model(cfg: DictConfig) -> None:
+    """Refuse to resume a run directory that holds another model (compared as built, presets resolved)."""
+    saved = read_config(cfg.run_dir)
+    if saved is None or cfg.resume == "never" or "model" not in saved:
+        return
+    old = {k: v for k, v in saved["model"].items() if v is not None}
+    preset = old.pop("preset", None)
+    old = {**PRESETS.get(preset, {}), **old}
+    new = model_kwargs(cfg)
+    if old != new:
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+        raise ValueError(f"run_dir={cfg.run_dir} holds a run of another model (saved, now: {diff}): set another "
+                         "run_dir, or restore the model settings to resume it")
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Create `run_dir` and prove it writable, or raise a ValueError that says to pick another."""
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"run_dir={run_dir} cannot be written ({e}): set run_dir=<a writable folder>") from e
+    return path
+
+
+def tracker_config(cfg: DictConfig) -> dict:
+    """The resolved config flattened to `a.b.c: scalar`, the form every tracker's hyper-parameter table takes."""
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value if isinstance(value, int | float | str | bool) else str(value)
+    return dict(flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def evaluate_fid(accelerator: Accelerator, pipeline: UViTPipeline, fid: DictConfig, folder: Path) -> float | None:
+    """FID of `fid.num_images` samples against `fid.reference`, sampled on all ranks; the value on the main process."""
+    generate_samples(pipeline, folder, fid.num_images, batch_size=fid.batch_size, seed=fid.seed,
+                     num_inference_steps=fid.steps, guidance_scale=fid.guidance, scheduler=fid.scheduler,
+                     accelerator=accelerator)
+    value = None
+    if accelerator.is_main_process:
+        record = compute_metrics(folder, fid.reference, metrics=("fid",), weights=fid.weights,
+                                 device=str(accelerator.device), progress=False)
+        value = float(record["metrics"]["frechet_inception_distance"])
+        shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
 
 
 def train(cfg: DictConfig) -> Path:
     """Train from a composed config and return the run directory."""
     validate_config(cfg, PartialState(cpu=cfg.train.cpu).num_processes)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
-                              step_scheduler_with_optimizer=False)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = Path(cfg.run_dir)
-    resume_from = find_resume_checkpoint(cfg)
-    accelerator.wait_for_everyone()  # every rank has looked for checkpoints before the main process writes
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
+                              step_scheduler_with_optimizer=False, log_with=list(cfg.log.trackers) or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(run_dir / "trackers")))
+    lock = RunLock(run_dir)
+    if accelerator.is_main_process:  # one training per run directory; the ranks of one launch share it
+        for note in filter(None, [lock.acquire(), *recover_checkpoints(run_dir)]):
+            accelerator.print(f"{run_dir}: {note}")
+    try:
+        return run_training(cfg, accelerator)
+    finally:
+        lock.release()
+
+
+def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
+    """The training itself, once the run directory is this process's and interrupted saves are undone."""
+    run_dir = Path(cfg.run_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accelerator.wait_for_everyone()  # the main process has recovered the run before any rank looks at it
+    resume_from = select_checkpoint(run_dir, cfg.resume, log=accelerator.print)
+    accelerator.wait_for_everyone()  # every rank has chosen its checkpoint before the main process writes
     if accelerator.is_main_process:
-        remove_partial_checkpoints(run_dir)
-        write_config(cfg, run_dir)
+        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     # Data: each rank loads its slice of every global micro-batch (see GlobalBatchSampler).
     dataset = build_dataset(cfg.data)
@@ -91,7 +286,6 @@ def train(cfg: DictConfig) -> Path:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(ema)
     noise_schedule = scheduler_config(**cfg.diffusion)
     noise_scheduler = DDPMScheduler.from_config(noise_schedule)
     pipeline = UViTPipeline(transformer=ema, scheduler=DDPMScheduler.from_config(noise_schedule),
@@ -99,35 +293,47 @@ def train(cfg: DictConfig) -> Path:
     pipeline.set_progress_bar_config(disable=True)
     num_classes = cfg.model.num_classes
 
-    step, images_seen = 0, 0
+    step, images_seen, skipped = 0, 0, 0
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        step, images_seen = state["step"], state["images_seen"]
+        state = load_checkpoint(accelerator, resume_from, ema)
+        step, images_seen, skipped = state["step"], state["images_seen"], state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     sampler = GlobalBatchSampler(len(dataset), micro_batch, rank, world, cfg.seed, start=images_seen)
     batches = iter(DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.data.num_workers,
                               pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0))
-    metrics = MetricsLogger(run_dir, accelerator.is_main_process, cfg.log.tensorboard, resume_step=step)
+    if cfg.log.trackers:
+        accelerator.init_trackers(cfg.name, config=tracker_config(cfg),
+                                  init_kwargs={"tensorboard": {"purge_step": step + 1}})  # drop the dead run's tail
+    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step,
+                         trackers=(lambda values, at: accelerator.log(values, step=at)) if cfg.log.trackers else None)
     accelerator.print(f"{type(ema).__name__}: {sum(p.numel() for p in ema.parameters()) / 1e6:.2f} M parameters, "
                       f"{len(dataset)} training items, {world} process(es), run directory {run_dir}")
 
     def checkpoint() -> None:
         check_ranks_in_sync(accelerator, model=accelerator.unwrap_model(model), ema=ema)
-        save_checkpoint(accelerator, run_dir, step, {"step": step, "images_seen": images_seen, "processes": world},
+        train_state = {"step": step, "images_seen": images_seen, "processes": world, "skipped_steps": skipped}
+        save_checkpoint(accelerator, run_dir, step, train_state,
                         lambda out: export_pipeline(ema, noise_schedule, vae, out), cfg.log.keep_checkpoints)
 
-    def sample_grid() -> None:
+    def save_grid() -> None:
         if accelerator.is_main_process:
+            s = cfg.sample
             with accelerator.autocast():
-                save_sample_grid(pipeline, cfg.sample, run_dir / "samples" / f"step_{step:07d}.png")
+                grid = sample_grid(pipeline, n=s.grid_size, seed=s.seed, num_inference_steps=s.steps,
+                                   guidance_scale=s.guidance, scheduler=s.scheduler, batch_size=s.batch_size)
+            path = run_dir / "samples" / f"step_{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as f:
+                grid.save(f, format="PNG")
         accelerator.wait_for_everyone()
 
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
-    logged_steps, clock, paused = 0, time.perf_counter(), 0.0
+    logged_steps, interval_steps, clock, paused = 0, 0, time.perf_counter(), 0.0
     while step < cfg.train.steps:
         model.train()
+        loss_step = torch.zeros((), device=device)
         for micro in range(cfg.train.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in next(batches))
             offset = micro * micro_batch + rank * local_batch  # this slice's rows in the global batch
@@ -143,36 +349,58 @@ def train(cfg: DictConfig) -> Path:
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss = diffusion_loss(model, noise_scheduler, x, labels, rnd)
                 accelerator.backward(loss / cfg.train.grad_accum)
-            loss_sum += loss.detach() / cfg.train.grad_accum
-        norm_sum += accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+            loss_step += loss.detach() / cfg.train.grad_accum
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+        # A non-finite loss (any rank's) or gradient norm (already reduced over ranks) never reaches the weights
+        # or the EMA. Under fp16 the loss scaler's own overflow skips are counted the same way: optimizer.step()
+        # is still called then, so that the scaler lowers its scale and training recovers.
+        loss_bad = accelerator.reduce((~torch.isfinite(loss_step)).float(), "sum") > 0
         lr = lr_scheduler.get_last_lr()[0]  # the rate of this step
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if loss_bad or (not torch.isfinite(norm) and accelerator.scaler is None):
+            if cfg.train.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"step {step + 1}: non-finite {'loss' if loss_bad else 'gradient norm'}; the weights are "
+                    "those of the last good step. Lower optim.lr, set train.max_grad_norm, or use "
+                    "train.nonfinite=skip to skip such steps")
+            optimizer.zero_grad(set_to_none=True)
+            stepped = False
+        else:
+            optimizer.step()
+            stepped = not accelerator.optimizer_step_was_skipped
+            optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            lr_scheduler.step()
+            update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step + 1, cfg.train.ema_decay,
+                                                                          cfg.train.ema_warmup))
+            loss_sum += loss_step
+            norm_sum += norm
+            logged_steps += 1
+        else:
+            skipped += 1
+            accelerator.print(f"step {step + 1}: non-finite loss or gradients, step skipped ({skipped} so far)")
         step += 1
-        decay = ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup)
-        update_ema(ema, accelerator.unwrap_model(model), decay)
+        interval_steps += 1
         images_seen += cfg.train.batch_size
-        logged_steps += 1
         progress.update(1)
 
         if step % cfg.log.every == 0 or step == cfg.train.steps:
-            loss_avg = accelerator.reduce(loss_sum, "mean").item() / logged_steps
+            n = max(logged_steps, 1)  # the steps that updated the weights; all of them unless some were skipped
+            loss_avg = accelerator.reduce(loss_sum, "mean").item() / n
             seconds = time.perf_counter() - clock - paused  # training only, not sampling or saving
-            record = {"step": step, "loss": loss_avg, "lr": lr,
-                      "grad_norm": norm_sum.item() / logged_steps,
-                      "images_per_s": logged_steps * cfg.train.batch_size / seconds, "images_seen": images_seen}
+            record = {"step": step, "loss": loss_avg if logged_steps else None, "lr": lr,
+                      "grad_norm": norm_sum.item() / n if logged_steps else None, "skipped_steps": skipped,
+                      "images_per_s": interval_steps * cfg.train.batch_size / seconds, "images_seen": images_seen}
             metrics.log(record)
             progress.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{record['images_per_s']:.1f}")
             loss_sum.zero_()
             norm_sum.zero_()
-            logged_steps, clock, paused = 0, time.perf_counter(), 0.0
+            logged_steps, interval_steps, clock, paused = 0, 0, time.perf_counter(), 0.0
         pause_start = time.perf_counter()
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-            sample_grid()
+            save_grid()
         if cfg.fid.every and step % cfg.fid.every == 0:
             with accelerator.autocast():
-                fid = evaluate_fid(accelerator, pipeline, cfg.fid, cfg.sample, run_dir / "fid" / f"step_{step:07d}")
+                fid = evaluate_fid(accelerator, pipeline, cfg.fid, run_dir / "fid" / f"step_{step:07d}")
             metrics.log({"step": step, "fid": fid, "fid_num_images": cfg.fid.num_images})
         if cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint()
@@ -180,12 +408,12 @@ def train(cfg: DictConfig) -> Path:
     progress.close()
 
     if not (cfg.log.sample_every and step % cfg.log.sample_every == 0):
-        sample_grid()  # the final grid
+        save_grid()  # the final grid
     if accelerator.is_main_process:
         out = export_final_pipeline(ema, noise_schedule, vae, run_dir)
         accelerator.print(f"done: EMA pipeline in {out}, sample grids in {run_dir / 'samples'}")
     accelerator.wait_for_everyone()
-    metrics.close()
+    accelerator.end_training()
     return run_dir
 
 

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler
 
 from uvit_cog import UViTModel
 from uvit_cog.schedule import scheduler_config
-from uvit_cog.train_utils import GlobalBatchRandom, diffusion_loss, update_ema
+from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema
 
 CPU_MODEL = dict(sample_size=32, patch_size=2, in_channels=3, embed_dim=192, depth=6, num_heads=3)
 GPU_MODEL = dict(sample_size=32, patch_size=2, in_channels=3, embed_dim=512, depth=12, num_heads=8)  # U-ViT-S/2

@@ -1,7 +1,6 @@
 """train.py end to end on CPU: every data kind, the run directory, resume, interrupted saves, two processes, config
 errors, and the experiment configs."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -12,62 +11,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    TINY,
+    assert_same_weights,
+    final_ema,
+    final_model,
+    load_script,
+    make_image_folder,
+    npz_overrides,
+    tiny_vae_dir,
+    train_config,
+    train_script,
+)
 from diffusers import DiffusionPipeline
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from safetensors.torch import load_file
-from test_data import load_script, make_image_folder, tiny_vae_dir
 
-from uvit_cog import UViTPipeline, train_utils
+from uvit_cog import UViTPipeline, checkpoints
+from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.model import PRESETS
-from uvit_cog.train_utils import list_checkpoints, validate_config
+from uvit_cog.rundir import read_metrics
+from uvit_cog.training import ema_decay_at
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-# A tiny U-ViC, 4 optimiser steps of 8 images, checkpoints every 2 steps, 2-step sample grids.
-TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2", "train.steps=4",
-    "train.batch_size=8", "optim.warmup_steps=2", "log.every=1", "log.sample_every=2", "log.checkpoint_every=2",
-    "sample.grid_size=2", "sample.steps=2", "sample.guidance=1.5",
-]
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = load_train_script()
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("train", overrides=list(overrides))
-
-
-def npz_overrides(path: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["data=npz", f"data.path={path}", "data.channels=1", "data.resolution=8", *TINY, f"run_dir={run_dir}",
-            *extra]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
-
-
-def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0.0, msg=key)
+config = train_config
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +56,7 @@ def test_npz_run_writes_the_run_directory(reference_run):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
     state = json.loads((run / "checkpoints" / "step_0000004" / "train_state.json").read_text())
-    assert state == {"step": 4, "images_seen": 32, "processes": 1}
+    assert state == {"step": 4, "images_seen": 32, "processes": 1, "skipped_steps": 0}
     assert (run / "checkpoints" / "step_0000004" / "pipeline" / "model_index.json").is_file()
     # The final export is the EMA of the last checkpoint, and differs from the raw weights.
     ckpt_ema = load_file(run / "checkpoints" / "step_0000004" / "pipeline" / "transformer"
@@ -125,21 +94,21 @@ class Killed(BaseException):
 
 def test_killed_during_checkpoint_save_keeps_the_previous_one(reference_run, mnist_npz, tmp_path, monkeypatch):
     run_dir = tmp_path / "killed"
-    commit = train_utils.commit_checkpoint
+    commit = checkpoints.commit_checkpoint
 
     def die_before_second_commit(tmp: Path, final: Path) -> None:
         if final.name == "step_0000004":
             raise Killed  # the step-4 checkpoint is fully written to its temporary directory, never renamed
         commit(tmp, final)
 
-    monkeypatch.setattr(train_utils, "commit_checkpoint", die_before_second_commit)
+    monkeypatch.setattr(checkpoints, "commit_checkpoint", die_before_second_commit)
     with pytest.raises(Killed):
         train_script.train(config(*npz_overrides(mnist_npz, run_dir)))
     assert (run_dir / "checkpoints" / ".tmp_step_0000004" / "model.safetensors").is_file()
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002"]
     UViTPipeline.from_pretrained(run_dir / "checkpoints" / "step_0000002" / "pipeline")
 
-    monkeypatch.setattr(train_utils, "commit_checkpoint", commit)
+    monkeypatch.setattr(checkpoints, "commit_checkpoint", commit)
     train_script.train(config(*npz_overrides(mnist_npz, run_dir)))  # the same command again
     assert not (run_dir / "checkpoints" / ".tmp_step_0000004").exists()
     assert_same_weights(final_model(run_dir), final_model(reference_run), atol=1e-6)
@@ -182,9 +151,9 @@ def test_ema_warmup_forgets_the_random_init():
     init_share = {True: 1.0, False: 1.0}
     for warmup in init_share:
         for step in range(1, 1001):
-            init_share[warmup] *= train_utils.ema_decay_at(step, 0.999, warmup)
-    assert train_utils.ema_decay_at(1, 0.9999, True) == 2 / 11
-    assert train_utils.ema_decay_at(10**6, 0.9999, True) == 0.9999
+            init_share[warmup] *= ema_decay_at(step, 0.999, warmup)
+    assert ema_decay_at(1, 0.9999, True) == 2 / 11
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999
     assert init_share[True] < 1e-3 < 0.3 < init_share[False] < 0.4
 
 
@@ -192,8 +161,7 @@ def test_image_folder_run(tmp_path):
     root = make_image_folder(tmp_path / "train", per_class=4)
     run = train_script.train(config(
         "data=folder", f"data.root={root}", "data.resolution=8", "data.num_classes=2", "data.num_workers=0",
-        *TINY, "train.steps=2", "log.tensorboard=true", f"run_dir={tmp_path / 'run'}"))
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        *TINY, "train.steps=2", f"run_dir={tmp_path / 'run'}"))
     pipe = UViTPipeline.from_pretrained(run / "pipeline")
     assert pipe.transformer.config.in_channels == 3 and pipe.transformer.config.num_classes == 2
 
@@ -250,7 +218,7 @@ def test_config_errors_stop_before_training(overrides, error, match, tmp_path):
 
 def test_batch_must_divide_over_processes():
     with pytest.raises(ValueError, match=r"processes × train.grad_accum = 3 × 1 = 3"):
-        validate_config(config("train.batch_size=64"), num_processes=3)
+        train_script.validate_config(config("train.batch_size=64"), num_processes=3)
 
 
 def test_unwritable_run_dir(tmp_path):

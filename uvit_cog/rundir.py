@@ -17,12 +17,20 @@ takes a "model" accepts either: `resolve_pipeline_dir` finds the pipeline inside
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import math
 import os
 import re
-from collections.abc import Iterator
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
+
+import yaml
+from safetensors import safe_open
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -31,6 +39,7 @@ CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 MODEL_INDEX = "model_index.json"
 TMP_PREFIX = ".tmp_"
+LOCK_FILE = "train.lock"
 
 
 @contextlib.contextmanager
@@ -111,8 +120,121 @@ def resolve_pipeline_dir(path: str | os.PathLike) -> Path:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of `RUN/metrics.jsonl` in order (an empty list for a run that has logged nothing)."""
+    """The records of `RUN/metrics.jsonl` in order (an empty list for a run that has logged nothing).
+
+    A last line cut short (the process died while appending it) is dropped; a bad line elsewhere raises.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not JSON ({e}); repair or delete that line") from e
+    return records
+
+
+def write_config(run_dir: str | os.PathLike, text: str) -> None:
+    """Write the resolved config (YAML text) of this (re)start to `RUN/config.yaml`."""
+    write_text_atomic(Path(run_dir) / CONFIG_FILE, text)
+
+
+def read_config(run_dir: str | os.PathLike) -> dict | None:
+    """The saved `RUN/config.yaml` as plain data, None if the run has none yet."""
+    path = Path(run_dir) / CONFIG_FILE
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+class MetricsLog:
+    """Appends one JSON record per line to `RUN/metrics.jsonl` (the durable record) and passes numbers on to
+    `trackers` (e.g. `Accelerator.log`: TensorBoard, W&B, ...).
+
+    Only the main process writes. On resume, records after the resumed step (written by the run that died
+    after its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, resume_step: int,
+                 trackers: Callable[[dict, int], None] | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled, self.trackers = enabled, trackers
+        if enabled and self.path.exists():
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: Mapping) -> None:
+        """Write a record with a "step" key; its finite numbers other than the step also go to the trackers."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+        if self.trackers is not None:
+            numbers = {k: v for k, v in record.items()
+                       if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
+            self.trackers(numbers, int(record["step"]))
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`RUN/train.lock`), so two trainings never write one run.
+
+    The lock is an `flock` held for the life of the process: the kernel releases it when the process dies,
+    so a lock file left by a killed run is stale by construction and simply taken over. The file names its
+    holder (host, pid, start time) for the message the second process prints.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise a RuntimeError naming its holder; returns a note on a stale lock taken over."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(
+                f"run_dir={self.path.parent} is in use by {holder} (lock {self.path}); wait for it to finish, "
+                "stop it, or set another run_dir"
+            ) from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self.fd = fd
+        return f"took over the stale lock of {previous} (that process is gone)" if previous else None
+
+    def release(self) -> None:
+        """Release the lock (the file stays; it is only a name for the holder)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_summary(run_dir: str | os.PathLike) -> dict:
+    """Loss, FID and validation curves, training speed and parameter count of a finished run, for reports."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    weights = sorted((resolve_pipeline_dir(run_dir) / "transformer").glob("*.safetensors"))
+    parameters = 0
+    for file in weights:
+        with safe_open(file, "pt") as f:
+            parameters += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    curves = {key: [(r["step"], r[key]) for r in records if key in r] for key in ("loss", "fid", "val_loss")}
+    speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
+    return dict(
+        run_dir=str(run_dir),
+        **curves,
+        final_loss=statistics.fmean(v for _, v in curves["loss"][-5:]) if curves["loss"] else float("nan"),
+        final_fid=curves["fid"][-1][1] if curves["fid"] else float("nan"),
+        images_per_s=statistics.median(speeds) if speeds else float("nan"),
+        parameters=parameters,
+    )
