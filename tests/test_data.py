@@ -1,4 +1,4 @@
-"""Datasets: .npz arrays, image folders, digits, VAE latent extraction and loading, the global batch sampler."""
+"""Datasets: .npz arrays, class folders and their faults, digits, VAE latents, the global batch sampler."""
 
 import io
 import json
