@@ -35,6 +35,57 @@ def test_softmax_layer_placement(softmax_layers, expected):
     assert model.mid_block is model.blocks[6]
 
 
+@pytest.mark.parametrize(
+    "attention_type,softmax_layers,attention_layers,expected",
+    [
+        ("sigmoid", "first_last", None, ["softmax", "sigmoid", "sigmoid", "sigmoid", "softmax"]),
+        ("cog", "first_last", {"gated": [2], "diff": "first_last"}, ["diff", "cog", "gated", "cog", "diff"]),
+        ("softmax", "none", {"softpick": [1, 3]}, ["softmax", "softpick", "softmax", "softpick", "softmax"]),
+    ],
+)
+def test_attention_layers_place_kinds(attention_type, softmax_layers, attention_layers, expected):
+    model = tiny(attention_type=attention_type, softmax_layers=softmax_layers, attention_layers=attention_layers)
+    assert model.attention_types == expected
+    assert [type(b.attn).__name__ for b in model.blocks].count("DifferentialAttention") == expected.count("diff")
+
+
+def test_attention_layers_errors_name_the_field():
+    with pytest.raises(ValueError, match="block 2 is given both"):
+        tiny(attention_layers={"gated": [2], "sigmoid": [2, 3]})
+    with pytest.raises(ValueError, match=r"attention_layers\['gated'\] \[7\] out of range"):
+        tiny(attention_layers={"gated": [7]})
+    with pytest.raises(ValueError, match="unknown attention_type 'linear'"):
+        tiny(attention_layers={"linear": [0]})
+
+
+def test_every_kind_round_trips_through_from_pretrained(tmp_path):
+    """Per-block kinds (with their parameters: gates, sinks, λ) are stored in the config and reload exactly."""
+    layers = {"gated": [0], "diff": [1], "softmax1_sink": [3], "cog_gated": [4]}
+    model = tiny(attention_type="softpick", attention_layers=layers)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["attention_layers"] == layers and config["attention_type"] == "softpick"
+    loaded = UViTModel.from_pretrained(tmp_path)
+    assert loaded.attention_types == ["gated", "diff", "softpick", "softmax1_sink", "cog_gated"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 10).sample, model(x, 10).sample, rtol=0, atol=0)
+
+
+def test_config_without_attention_layers_loads_as_before(tmp_path):
+    """A config written before `attention_layers` existed (attention_type + softmax_layers) builds the same model."""
+    model = tiny(softmax_layers=[0, 2])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["attention_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = UViTModel.from_pretrained(tmp_path)
+    assert loaded.attention_types == ["softmax", "cog", "softmax", "cog", "cog"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 10).sample, model(x, 10).sample, rtol=0, atol=0)
+
+
 def test_softmax_model_has_no_cog_layer():
     with torch.device("meta"):
         model = UViTModel(embed_dim=64, depth=12, num_heads=2, attention_type="softmax", softmax_layers="none")
