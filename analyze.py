@@ -1,10 +1,12 @@
-"""Attention analysis of trained U-ViT / U-ViC models, side by side.
+"""Attention analysis of trained models of any attention kinds, side by side.
 
     python analyze.py models.uvit=runs/cmp_uvit models.uvic=runs/cmp_uvic images=../shared/data/cifar10.npz
+    python analyze.py models.uvit=A models.uvic=B +models.softpick=C +models.softmax1=D images=...
 
 Writes `out_dir/analysis.json` (per layer and head), `out_dir/analysis.md` (per-block tables: negative
-weight fraction, negative |w| share, token cosine similarity, effective rank) and
-`out_dir/maps_<name>.png` (signed attention maps: red positive, blue negative).
+weight fraction, negative |w| share, sparsity, row sum, sink mass, token cosine similarity, effective
+rank; "–" where a kind has no such statistic) and `out_dir/maps_<name>.png` (signed attention maps:
+red positive, blue negative).
 """
 
 from __future__ import annotations
@@ -17,20 +19,44 @@ import torch
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig
 
-from uvit_cog.analysis import attention_statistics, collapse_probe, render_attention_maps, summarise_by_block
+from uvit_cog.analysis import (
+    SPARSE_BELOW,
+    attention_statistics,
+    collapse_probe,
+    render_attention_maps,
+    summarise_by_block,
+)
 from uvit_cog.data import ArrayDataset
 from uvit_cog.images import load_npz_arrays
 from uvit_cog.pipeline import load_pipeline
 
 
 def markdown_table(columns: dict[str, list[dict]], key: str, fmt: str = "{:.3f}") -> str:
-    """One row per block, one column per model."""
+    """One row per block, one column per model; "–" where the block's kind has no such statistic."""
     names = list(columns)
     lines = ["| block | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def cell(row: dict) -> str:
+        value = "–" if row[key] is None else fmt.format(row[key])
+        return f"{value} ({row['attention_type']})"
+
     for i in range(len(next(iter(columns.values())))):
-        cells = [f"{fmt.format(columns[n][i][key])} ({columns[n][i]['attention_type']})" for n in names]
+        cells = [cell(columns[n][i]) for n in names]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+WEIGHT_TITLES = dict(  # the keys of uvit_cog.analysis.weight_statistics
+    negative_fraction="Fraction of attention weights that are negative (cog, diff)",
+    negative_mass="Share of |w| mass on negative weights (cog, diff)",
+    sparsity=f"Fraction of weights below {SPARSE_BELOW:g}/M (softpick: exact zeros; sigmoid)",
+    row_sum="Row sum of the weights Σ_j w_j (softmax: 1; sigmoid: unnormalised)",
+    sink_mass="Mass the sink takes, 1 − Σ_j w_j (softmax1 kinds)",
+)
+PROBE_TITLES = dict(
+    cosine_similarity="Mean pairwise cosine similarity of tokens after each block (collapse: → 1)",
+    effective_rank="Effective rank of the tokens after each block (collapse: → 1)",
+)
 
 
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
@@ -61,20 +87,10 @@ def main(cfg: DictConfig) -> None:
         render_attention_maps(model, x0, cfg.map_timestep, schedule, out / f"maps_{name}.png",
                               cfg.query_tokens, cfg.map_blocks, y, cfg.seed)
         results[name] = dict(path=str(path), attention=attn, collapse=probe)
-        stats_by_model[name] = dict(
-            negative_fraction=summarise_by_block(attn, "negative_fraction"),
-            negative_mass=summarise_by_block(attn, "negative_mass"),
-            cosine_similarity=summarise_by_block(probe, "cosine_similarity"),
-            effective_rank=summarise_by_block(probe, "effective_rank"),
-        )
+        stats_by_model[name] = {key: summarise_by_block(attn, key) for key in WEIGHT_TITLES}
+        stats_by_model[name] |= {key: summarise_by_block(probe, key) for key in PROBE_TITLES}
     (out / "analysis.json").write_text(json.dumps(results, indent=1))
-    titles = dict(
-        negative_fraction="Fraction of attention weights that are negative",
-        negative_mass="Share of |w| mass on negative weights",
-        cosine_similarity="Mean pairwise cosine similarity of tokens after each block (collapse: → 1)",
-        effective_rank="Effective rank of the tokens after each block (collapse: → 1)",
-    )
-    for key, title in titles.items():
+    for key, title in (WEIGHT_TITLES | PROBE_TITLES).items():
         report += [f"## {title}", "", f"Averaged over heads, {cfg.num_images} images and timesteps "
                    f"{list(cfg.timesteps)}.", "",
                    markdown_table({n: s[key] for n, s in stats_by_model.items()}, key), ""]

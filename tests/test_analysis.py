@@ -16,9 +16,9 @@ from uvit_cog.analysis import (
 from uvit_cog.schedule import scheduler_config
 
 
-def _setup():
+def _setup(**kwargs):
     torch.manual_seed(0)
-    model = UViTModel(sample_size=8, patch_size=2, in_channels=3, embed_dim=32, depth=4, num_heads=2)
+    model = UViTModel(sample_size=8, patch_size=2, in_channels=3, embed_dim=32, depth=4, num_heads=2, **kwargs)
     with torch.no_grad():  # qkv scaled up so that scores are of order one, as in a trained model
         for b in model.blocks:
             b.attn.qkv.weight.mul_(20)
@@ -39,6 +39,24 @@ def test_attention_statistics_sign_structure():
     assert all(r["negative_fraction"] > 0.05 and r["negative_mass"] > 0.01 for r in cog)
     per_block = summarise_by_block(rows, "negative_fraction")
     assert [r["block"] for r in per_block] == [0, 1, 2, 3, 4]
+
+
+def test_statistics_of_every_kind():
+    """Each kind's statistic says what its formula implies: softmax rows sum to 1 with no negative weight,
+    softpick is sparse, softmax1 leaves mass to its sink, cog and diff weights go negative."""
+    kinds = ["softmax", "softpick", "softmax1", "cog", "diff"]
+    model, x0, sched = _setup(attention_layers={kind: [i] for i, kind in enumerate(kinds)})
+    rows = attention_statistics(model, x0, [300], sched)
+    by_kind = {kind: [r for r in rows if r["attention_type"] == kind] for kind in kinds}
+    assert len(by_kind["diff"]) == 1 and all(len(by_kind[k]) == 2 for k in kinds[:4])  # diff pairs the 2 heads
+    for r in by_kind["softmax"]:
+        assert r["negative_fraction"] == 0 and abs(r["row_sum"] - 1) < 1e-5 and r["sink_mass"] is None
+    assert all(r["sparsity"] > 0.05 and r["negative_fraction"] == 0 for r in by_kind["softpick"])
+    for r in by_kind["softmax1"]:
+        assert 0.0 < r["sink_mass"] < 1.0 and abs(r["row_sum"] + r["sink_mass"] - 1) < 1e-6
+    assert all(r["negative_fraction"] > 0.05 and 0 < r["negative_mass"] < 1 for r in by_kind["cog"] + by_kind["diff"])
+    summary = summarise_by_block(rows, "sink_mass")
+    assert summary[0]["sink_mass"] is None and summary[2]["sink_mass"] > 0
 
 
 def test_collapse_probe_measures():
@@ -74,15 +92,20 @@ def test_analyze_command_side_by_side(tmp_path):
     UViTPipeline(transformer=model, scheduler=sched).save_pretrained(tmp_path / "uvic")
     softmax = UViTModel(**{**model.config, "attention_type": "softmax"})
     UViTPipeline(transformer=softmax, scheduler=sched).save_pretrained(tmp_path / "uvit")
+    sink = UViTModel(**{**model.config, "attention_type": "softmax1_sink"})
+    UViTPipeline(transformer=sink, scheduler=sched).save_pretrained(tmp_path / "sink")
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "imgs.npz", x_test=images)
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
         [sys.executable, str(root / "analyze.py"), f"models.uvit={tmp_path / 'uvit'}",
-         f"models.uvic={tmp_path / 'uvic'}", f"images={tmp_path / 'imgs.npz'}", "num_images=3",
+         f"models.uvic={tmp_path / 'uvic'}", f"+models.sink={tmp_path / 'sink'}", f"images={tmp_path / 'imgs.npz'}",
+         "num_images=3",
          "timesteps=[200]", f"out_dir={tmp_path / 'out'}"],
         check=True, capture_output=True, cwd=root,
     )
     report = (tmp_path / "out" / "analysis.md").read_text()
-    assert "| block | uvit | uvic |" in report and "(cog)" in report
+    assert "| block | uvit | uvic | sink |" in report and "(cog)" in report and "(softmax1_sink)" in report
+    sink_table = report.split("## Mass the sink takes")[1].split("##")[0]
+    assert "– (softmax)" in sink_table and "– (cog)" in sink_table and "(softmax1_sink)" in sink_table
     assert (tmp_path / "out" / "maps_uvit.png").is_file() and (tmp_path / "out" / "maps_uvic.png").is_file()

@@ -1,7 +1,10 @@
-"""What Cog heads do: negative-weight statistics, signed attention maps and a representational-collapse probe.
+"""What attention heads of every kind do: weight statistics, signed maps and a representational-collapse probe.
 
 Everything here runs a model on noisy versions of real images at chosen timesteps (noised with the
-model's own training schedule) and reads the attention weights through `capture_attention`.
+model's own training schedule) and reads the attention weights through `capture_attention`. The
+statistics are defined for every kind (`weight_statistics`); which of them say something depends on
+the kind (`uvit_cog.attention.ATTENTION_KINDS`: negative weights for cog and diff, sparsity for
+softpick and sigmoid, the sink's mass for softmax1).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
-from .attention import capture_attention
+from .attention import ATTENTION_KINDS, capture_attention
 from .model import UViTModel
 
 
@@ -22,6 +25,31 @@ def noisy_inputs(x0: Tensor, timestep: int, scheduler: DDPMScheduler, seed: int 
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     t = torch.full((x0.shape[0],), int(timestep), dtype=torch.long)
     return scheduler.add_noise(x0, noise, t)
+
+
+SPARSE_BELOW = 0.01  # a weight counts as sparse below 1% of a uniform row's weight 1/M
+
+
+def weight_statistics(w: Tensor, attention_type: str) -> dict[str, Tensor]:
+    """Per-head statistics of (B, H, N, M) weights, each an (H,) tensor averaged over batch and query rows.
+
+    - negative_fraction: share of weights < 0; negative_mass: share of the row's |w| mass on them
+      (Σ_{w<0}|w| / Σ|w|; both 0 for kinds whose weights cannot be negative);
+    - sparsity: share of weights with |w| < 1%·(1/M) (softpick's exact zeros, sigmoid's tiny weights);
+    - row_sum: Σ_j w_j (1 for softmax, below 1 for softmax1 and softpick, unnormalised for sigmoid);
+    - sink_mass: 1 − Σ_j w_j, what a sink kind (softmax1) gives its sink; None for other kinds.
+    """
+    M = w.shape[-1]
+    row_abs = w.abs().sum(-1)
+    negative_mass = w.clamp(max=0).abs().sum(-1) / row_abs.clamp_min(torch.finfo(w.dtype).tiny)
+    row_sum = w.sum(-1).mean(dim=(0, 2))
+    return dict(
+        negative_fraction=(w < 0).float().mean(dim=(0, 2, 3)),
+        negative_mass=negative_mass.mean(dim=(0, 2)),
+        sparsity=(w.abs() < SPARSE_BELOW / M).float().mean(dim=(0, 2, 3)),
+        row_sum=row_sum,
+        sink_mass=1.0 - row_sum if ATTENTION_KINDS[attention_type].sink else None,
+    )
 
 
 @torch.no_grad()
@@ -33,9 +61,9 @@ def attention_statistics(
     class_labels: Tensor | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """Per timestep, block and head: the fraction of weights that are negative and the negative share of |w|.
+    """Per timestep, block and head: `weight_statistics` of the layer's weights, one dict per row.
 
-    Each row of |w| sums to 1, so the negative share is the mean over rows of Σ_{w<0} |w|.
+    For `diff` layers the heads are the differential heads (num_heads / 2) and w = w₁ − λw₂.
     """
     model.eval()
     rows = []
@@ -46,20 +74,11 @@ def attention_statistics(
         for index, block in enumerate(model.blocks):
             name = next(n for n, m in model.named_modules() if m is block.attn)
             w = cap.maps[name][0]  # (B, H, N, N)
-            negative = (w < 0).float().mean(dim=(0, 2, 3))
-            mass = w.clamp(max=0).abs().sum(-1).mean(dim=(0, 2))
+            stats = weight_statistics(w, cap.types[name])
             for head in range(w.shape[1]):
-                rows.append(
-                    dict(
-                        timestep=int(t),
-                        block=index,
-                        layer=name,
-                        attention_type=cap.types[name],
-                        head=head,
-                        negative_fraction=float(negative[head]),
-                        negative_mass=float(mass[head]),
-                    )
-                )
+                values = {key: None if v is None else float(v[head]) for key, v in stats.items()}
+                rows.append(dict(timestep=int(t), block=index, layer=name, attention_type=cap.types[name],
+                                 head=head, **values))
     return rows
 
 
@@ -154,13 +173,14 @@ def render_attention_maps(
     with capture_attention(model) as cap:
         model(xt, timestep, labels)
     names = {id(m): n for n, m in model.named_modules()}
-    heads = cfg.num_heads
-    nrows, ncols = len(blocks) * heads, len(query_tokens) + 1
+    maps = {b: cap.maps[names[id(model.blocks[b].attn)]][0][0] for b in blocks}  # (heads, N, N); diff: H/2 heads
+    panels = [(b, h) for b in blocks for h in range(maps[b].shape[0])]
+    nrows, ncols = len(panels), len(query_tokens) + 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.6 * nrows), squeeze=False)
     image = ((x0[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu()
-    for r, (b, h) in enumerate((b, h) for b in blocks for h in range(heads)):
+    for r, (b, h) in enumerate(panels):
         attn = model.blocks[b].attn
-        w = cap.maps[names[id(attn)]][0][0, h]  # (N, N)
+        w = maps[b][h]  # (N, N)
         axes[r][0].imshow((image.squeeze(-1) if image.shape[-1] == 1 else image).numpy(), cmap="gray")
         axes[r][0].set_ylabel(f"block {b} {attn.attention_type}\nhead {h}", fontsize=6)
         for c, q in enumerate(query_tokens, start=1):
@@ -183,12 +203,14 @@ def render_attention_maps(
 
 
 def summarise_by_block(rows: list[dict], key: str) -> list[dict]:
-    """Average a per-head statistic over heads and timesteps, one row per block."""
+    """Average a per-head statistic over heads and timesteps, one row per block (None where the kind has none)."""
     by_block: dict[int, list[dict]] = {}
     for row in rows:
         by_block.setdefault(row["block"], []).append(row)
-    return [
-        dict(block=b, attention_type=rs[0]["attention_type"], **{key: sum(r[key] for r in rs) / len(rs)})
-        for b, rs in sorted(by_block.items())
-    ]
+    out = []
+    for b, rs in sorted(by_block.items()):
+        values = [r[key] for r in rs if r[key] is not None]
+        out.append(dict(block=b, attention_type=rs[0]["attention_type"],
+                        **{key: sum(values) / len(values) if values else None}))
+    return out
 

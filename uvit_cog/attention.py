@@ -451,7 +451,7 @@ for _kind in (
     AttentionKind("sigmoid", "w = σ(s − log M)", "Ramapuram et al. 2024, arXiv 2409.04431", "sigmoid", False, True,
                   False, _KERNELS),
     AttentionKind("softpick", "w = ReLU(eˢ − 1) / (Σ|eˢ − 1| + ε)", "Zuhri et al. 2025, arXiv 2504.20966",
-                  "softpick", False, True, True, _KERNELS),
+                  "softpick", False, True, False, _KERNELS),
     AttentionKind("softmax1", "w = eˢ / (1 + Σeˢ)", "Miller 2023, \"Attention is off by one\"", "softmax1",
                   False, False, True, _KERNELS),
     AttentionKind("softmax1_sink", "w = eˢ / (e^{c_h} + Σeˢ), c_h learned per head", "Miller 2023; Xiao et al. 2023",
