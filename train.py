@@ -18,7 +18,6 @@ import copy
 import importlib
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -44,18 +43,27 @@ from uvit_cog.checkpoints import (
     save_checkpoint,
     select_checkpoint,
 )
-from uvit_cog.data import DATA_KINDS, GlobalBatchSampler, build_dataset, read_latent_meta, sample_latents
-from uvit_cog.metrics import compute_metrics
+from uvit_cog.data import (
+    DATA_KINDS,
+    VAL_SPLITS,
+    GlobalBatchSampler,
+    build_dataset,
+    build_validation_dataset,
+    read_latent_meta,
+    sample_latents,
+)
 from uvit_cog.model import PRESETS
 from uvit_cog.rundir import MetricsLog, RunLock, atomic_write, read_config, write_config
-from uvit_cog.sampling import generate_samples, sample_grid
-from uvit_cog.schedule import SCHEDULERS, scheduler_config
+from uvit_cog.sampling import sample_and_evaluate, sample_grid
+from uvit_cog.schedule import Objective, check_scheduler, default_scheduler, make_objective, scheduler_config
 from uvit_cog.training import (
     GlobalBatchRandom,
     check_ranks_in_sync,
     diffusion_loss,
     ema_decay_at,
     update_ema,
+    validation_images,
+    validation_loss,
 )
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -117,9 +125,15 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
         if cfg.model.num_classes == 0 and cfg[group].guidance != 1.0:
             raise ValueError(f"{group}.guidance must be 1.0 for an unconditional model "
                              "(classifier-free guidance needs class labels)")
-        if cfg[group].scheduler not in SCHEDULERS:
-            raise ValueError(f"{group}.scheduler={cfg[group].scheduler!r}: choose one of {sorted(SCHEDULERS)}")
-    scheduler_config(**cfg.diffusion)  # raises on an unknown schedule or prediction type
+        try:
+            check_scheduler(cfg[group].scheduler, cfg.diffusion.objective)
+        except ValueError as e:
+            raise ValueError(f"{group}.scheduler={cfg[group].scheduler!r}: {e}") from e
+    try:
+        diffusion_setup(cfg)  # an unknown objective, schedule, prediction type, t sampling or weighting
+    except ValueError as e:
+        raise ValueError(f"diffusion: {e}") from e
+    _validate_val(cfg)
     if cfg.diffusion.clip_sample and cfg.data.kind == "latents":
         raise ValueError("diffusion.clip_sample=true clips to [-1, 1], which latents are not bounded by: "
                          "set diffusion.clip_sample=false for latent models")
@@ -136,6 +150,42 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
         )
     check_run_dir(cfg.run_dir)
     _validate_same_model(cfg)
+
+
+def diffusion_setup(cfg: DictConfig) -> tuple[dict, Objective]:
+    """The `diffusion` group as (the scheduler config exported with the model, the training objective)."""
+    d = cfg.diffusion
+    schedule = scheduler_config(d.schedule, d.prediction_type, d.num_train_timesteps, d.clip_sample,
+                                objective=d.objective, shift=d.shift)
+    return schedule, make_objective(schedule, t_sampling=d.t_sampling, logit_mean=d.logit_mean,
+                                    logit_std=d.logit_std, loss_weighting=d.loss_weighting, snr_gamma=d.snr_gamma)
+
+
+def validation_runs(cfg: DictConfig) -> bool:
+    """Whether this run computes the validation loss at all (every `val.every` steps, within `train.steps`)."""
+    return 0 < cfg.val.every <= cfg.train.steps
+
+
+def _validate_val(cfg: DictConfig) -> None:
+    v, split, holdout = cfg.val, cfg.data.get("val_split", "test"), cfg.data.get("holdout", 0)
+    if v.every < 0:
+        raise ValueError(f"val.every={v.every}: steps between validation losses, or 0 for none")
+    for field in ("num_images", "num_timesteps", "batch_size"):
+        if v[field] <= 0:
+            raise ValueError(f"val.{field}={v[field]} must be positive")
+    if split not in VAL_SPLITS:
+        raise ValueError(f"data.val_split={split!r}: choose one of {VAL_SPLITS}")
+    if holdout < 0:
+        raise ValueError(f"data.holdout={holdout}: the number of items held out of training, >= 0")
+    if not validation_runs(cfg):
+        return
+    if split == "holdout" and holdout < v.num_images:
+        raise ValueError(f"val.num_images={v.num_images} but data.holdout={holdout} items are held out of training: "
+                         f"set data.holdout >= {v.num_images}, lower val.num_images, or set val.every=0")
+    if split == "test" and cfg.data.kind not in ("cifar10", "npz"):
+        raise ValueError(f"data={cfg.data.kind} has no test split for the validation loss: set data.val_split=holdout "
+                         f"and data.holdout=N (N >= val.num_images={v.num_images} items held out of training), or "
+                         "val.every=0")
 
 
 def _validate_data(cfg: DictConfig) -> None:
@@ -219,21 +269,6 @@ def tracker_config(cfg: DictConfig) -> dict:
     return dict(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
 
-def evaluate_fid(accelerator: Accelerator, pipeline: UViTPipeline, fid: DictConfig, folder: Path) -> float | None:
-    """FID of `fid.num_images` samples against `fid.reference`, sampled on all ranks; the value on the main process."""
-    generate_samples(pipeline, folder, fid.num_images, batch_size=fid.batch_size, seed=fid.seed,
-                     num_inference_steps=fid.steps, guidance_scale=fid.guidance, scheduler=fid.scheduler,
-                     accelerator=accelerator)
-    value = None
-    if accelerator.is_main_process:
-        record = compute_metrics(folder, fid.reference, metrics=("fid",), weights=fid.weights,
-                                 device=str(accelerator.device), progress=False)
-        value = float(record["metrics"]["frechet_inception_distance"])
-        shutil.rmtree(folder)
-    accelerator.wait_for_everyone()
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -286,9 +321,8 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    noise_schedule = scheduler_config(**cfg.diffusion)
-    noise_scheduler = DDPMScheduler.from_config(noise_schedule)
-    pipeline = UViTPipeline(transformer=ema, scheduler=DDPMScheduler.from_config(noise_schedule),
+    noise_schedule, objective = diffusion_setup(cfg)
+    pipeline = UViTPipeline(transformer=ema, scheduler=default_scheduler(noise_schedule),
                             vae=vae.to(device) if vae is not None else None)
     pipeline.set_progress_bar_config(disable=True)
     num_classes = cfg.model.num_classes
@@ -314,6 +348,24 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
         train_state = {"step": step, "images_seen": images_seen, "processes": world, "skipped_steps": skipped}
         save_checkpoint(accelerator, run_dir, step, train_state,
                         lambda out: export_pipeline(ema, noise_schedule, vae, out), cfg.log.keep_checkpoints)
+
+    # The validation loss (main process, fixed images, noise and t grid): val.* and uvit_cog.training.validation_loss.
+    val_x0 = val_labels = None
+    if validation_runs(cfg):
+        val_x0, val_labels = validation_images(
+            build_validation_dataset(OmegaConf.to_container(cfg.data, resolve=True)), cfg.val.num_images,
+            seed=cfg.val.seed, latent_scale=cfg.data.scale_factor if latent else None)
+        val_labels = val_labels if num_classes else None
+
+    def validate() -> None:
+        if accelerator.is_main_process:
+            start = time.perf_counter()
+            with accelerator.autocast():
+                record = validation_loss(ema if cfg.val.ema else accelerator.unwrap_model(model), objective, val_x0,
+                                         val_labels, cfg.val.num_timesteps, cfg.val.seed, cfg.val.batch_size)
+            metrics.log({"step": step, **record, "val_num_images": len(val_x0),
+                         "val_seconds": time.perf_counter() - start})
+        accelerator.wait_for_everyone()
 
     def save_grid() -> None:
         if accelerator.is_main_process:
@@ -347,7 +399,7 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
                 labels = torch.where(rnd.rand() < cfg.train.label_dropout, num_classes, y)
             last = micro == cfg.train.grad_accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                loss = diffusion_loss(model, noise_scheduler, x, labels, rnd)
+                loss = diffusion_loss(model, objective, x, labels, rnd)
                 accelerator.backward(loss / cfg.train.grad_accum)
             loss_step += loss.detach() / cfg.train.grad_accum
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
@@ -396,12 +448,21 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
             norm_sum.zero_()
             logged_steps, interval_steps, clock, paused = 0, 0, time.perf_counter(), 0.0
         pause_start = time.perf_counter()
+        if val_x0 is not None and step % cfg.val.every == 0:
+            validate()
         if cfg.log.sample_every and step % cfg.log.sample_every == 0:
             save_grid()
         if cfg.fid.every and step % cfg.fid.every == 0:
+            f = cfg.fid
             with accelerator.autocast():
-                fid = evaluate_fid(accelerator, pipeline, cfg.fid, run_dir / "fid" / f"step_{step:07d}")
-            metrics.log({"step": step, "fid": fid, "fid_num_images": cfg.fid.num_images})
+                record = sample_and_evaluate(
+                    pipeline, f.num_images, f.reference, metrics=("fid",), weights=f.weights, scheduler=f.scheduler,
+                    num_inference_steps=f.steps, guidance_scale=f.guidance, seed=f.seed, batch_size=f.batch_size,
+                    samples_dir=run_dir / "fid" / f"step_{step:07d}", delete_samples=True, accelerator=accelerator,
+                    progress=False)
+            if record is not None:  # the main process
+                metrics.log({"step": step, "fid": float(record["metrics"]["frechet_inception_distance"]),
+                             "fid_num_images": f.num_images})
         if cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint()
         paused += time.perf_counter() - pause_start

@@ -1,7 +1,7 @@
 """Fault injection: kill -9 a tiny training run again and again, restart it each time, and check that the finished
 run equals an uninterrupted one bit for bit and that no kill lost more than one checkpoint interval.
 
-    python scripts/kill_resume.py --random-kills 15 --out runs/kill_resume     # + one kill at each pause point
+    python scripts/kill_resume.py --out runs/kill_resume     # 15 random kills + 6 inside checkpoint writes
 
 Random kills land anywhere (start-up, training, sampling, saving); pause kills stop the process deterministically
 inside a checkpoint write (`uvit_cog.checkpoints.PAUSE_POINTS`) and kill it there. Prints one JSON summary and
@@ -60,8 +60,8 @@ def main() -> None:
     parser.add_argument("--random-kills", type=int, default=15)
     parser.add_argument("--pause-points", default=",".join(CYCLE_POINTS),
                         help="comma-separated pause points to kill at once each (in this order, cycled)")
-    parser.add_argument("--pause-kills", type=int, default=None, help="kills inside checkpoint writes "
-                        "(default: one per pause point)")
+    parser.add_argument("--pause-kills", type=int, default=6, help="kills inside checkpoint writes, cycling "
+                        "through --pause-points (0: one per pause point)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--max-delay", type=float, default=12.0, help="random kills: seconds after start, at most")
@@ -76,7 +76,7 @@ def main() -> None:
         raise SystemExit(f"the uninterrupted run failed: see {args.out / 'reference.log'}")
 
     points = [p for p in args.pause_points.split(",") if p]
-    n_pause = len(points) if args.pause_kills is None else args.pause_kills
+    n_pause = args.pause_kills or len(points)
     plan = [("pause", points[i % len(points)]) for i in range(n_pause)] + [("random", None)] * args.random_kills
     rng.shuffle(plan)
     kills, worst = [], 0

@@ -195,7 +195,8 @@ def test_loss_scaling_recovers_from_an_overflow(mnist_npz, tmp_path, monkeypatch
 def test_kills_inside_and_outside_checkpoint_writes_resume_bit_for_bit(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/kill_resume.py", "--random-kills", "1", "--pause-points", "exported,committed",
-         "--steps", "9", "--checkpoint-every", "3", "--max-delay", "6", "--out", str(tmp_path / "kr")],
+         "--pause-kills", "0", "--steps", "9", "--checkpoint-every", "3", "--max-delay", "6",
+         "--out", str(tmp_path / "kr")],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -4,7 +4,11 @@ The pipeline adds nothing to the maths of the schedulers: it draws the initial n
 (`init_noise_sigma`), scales the model input (`scale_model_input`), feeds the scheduler's own
 timesteps to the model and lets `scheduler.step` interpret the prediction by its configured
 `prediction_type`. A model trained here therefore samples with DDPM, DDIM, DPM-Solver++, Euler,
-UniPC, … built from the saved noise schedule: `make_scheduler(name, pipe.scheduler.config)`.
+UniPC, … built from the saved noise schedule: `make_scheduler(name, pipe.scheduler.config)`. A flow-matching
+model samples with the flow schedulers (`uvit_cog.schedule.FLOW_SCHEDULERS`: flow Euler / Heun / LCM, and
+DPM-Solver and UniPC in their flow mode), which pass the model the timesteps t·1000 it was trained on.
+The pipeline records its model's objective (`objective`, from the scheduler it was built with) and refuses
+to sample with a scheduler of the other family.
 
 A saved pipeline directory also carries a small `pipeline.py`, so diffusers' generic loader works too:
 `DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)`.
@@ -29,6 +33,7 @@ from torch import Tensor
 
 from .model import UViTModel
 from .rundir import resolve_pipeline_dir
+from .schedule import SCHEDULER_FAMILIES, scheduler_family
 
 # "latent": the final model-space samples, not decoded (diffusers' convention).
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -56,7 +61,9 @@ class UViTPipeline(DiffusionPipeline):
     """Sampling pipeline for U-ViT / U-ViC.
 
     Components: `transformer` (a `UViTModel`), `scheduler` (any diffusers scheduler, built on the
-    model's noise schedule) and `vae` (an `AutoencoderKL` for latent models, else None).
+    model's noise schedule) and `vae` (an `AutoencoderKL` for latent models, else None). `objective`
+    ("ddpm" or "flow_matching", saved in model_index.json) is the family of the model's schedulers; None
+    takes that of `scheduler`.
 
     Example:
         >>> pipe = UViTPipeline.from_pretrained("runs/cifar10/pipeline")
@@ -69,10 +76,21 @@ class UViTPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
-        self, transformer: UViTModel, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None
+        self, transformer: UViTModel, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+        objective: str | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_to_config(objective=objective or scheduler_family(scheduler.config))
+
+    def check_scheduler(self) -> None:
+        """Raise if the scheduler samples models of the other objective than this pipeline's model."""
+        family, objective = scheduler_family(self.scheduler.config), self.config.objective
+        if family != objective:
+            raise ValueError(
+                f"scheduler {type(self.scheduler).__name__} samples {family} models, but this pipeline's model was "
+                f"trained with the {objective} objective: use make_scheduler(name, <the model's saved scheduler "
+                f"config>) with one of {sorted(SCHEDULER_FAMILIES[objective])}")
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save all components plus `pipeline.py`, the entry point of diffusers' `custom_pipeline` loader."""
@@ -255,17 +273,21 @@ class UViTPipeline(DiffusionPipeline):
             if do_cfg:
                 model_labels = torch.cat([model_labels, torch.full_like(model_labels, cfg.num_classes)])
 
+        self.check_scheduler()
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
-        latents = latents * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and take the latents as they are (no such attributes).
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = scale_input(latents, t)
             if do_cfg:
                 model_input = torch.cat([model_input, model_input])
-            # Each scheduler's own timestep values and dtype (int for DDPM/DDIM, float for Euler-type).
+            # Each scheduler's own timestep values and dtype (int for DDPM/DDIM, float for Euler-type, t·1000
+            # for flow schedulers).
             timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
             pred = self.transformer(model_input, timesteps, class_labels=model_labels).sample
             if do_cfg:
@@ -303,8 +325,10 @@ def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline:
 
     A run directory gives its final export `RUN/pipeline`, else its latest checkpoint's
     `RUN/checkpoints/step_*/pipeline`. `kwargs` go to `from_pretrained` (e.g. `dtype=torch.float16`).
+    Weights are read from safetensors only (`use_safetensors=True` unless overridden): a pickled `.bin` could
+    run code when loaded.
     """
-    return UViTPipeline.from_pretrained(resolve_pipeline_dir(path), **kwargs)
+    return UViTPipeline.from_pretrained(resolve_pipeline_dir(path), **{"use_safetensors": True, **kwargs})
 
 
 __all__ = ["UViTPipeline", "load_pipeline", "OUTPUT_TYPES"]
