@@ -19,10 +19,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-from diffusers import DDPMScheduler
 
 from uvit_cog import UViTModel
-from uvit_cog.schedule import scheduler_config
+from uvit_cog.schedule import make_objective, scheduler_config
 from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema
 
 CPU_MODEL = dict(sample_size=32, patch_size=2, in_channels=3, embed_dim=192, depth=6, num_heads=3)
@@ -39,7 +38,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03)
         self.forward = torch.compile(self.model) if compile_model else self.model
-        self.scheduler = DDPMScheduler.from_config(scheduler_config())
+        self.objective = make_objective(scheduler_config())
         self.device, self.batch, self.dtype = device, batch, dtype
         shape = (batch, model_kwargs["in_channels"], model_kwargs["sample_size"], model_kwargs["sample_size"])
         self.x0 = torch.rand(shape, device=device) * 2 - 1
@@ -49,7 +48,7 @@ class Trainer:
         rnd = GlobalBatchRandom(0, self.step_index, 0, self.batch, self.batch, self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
-            loss = diffusion_loss(self.forward, self.scheduler, self.x0, None, rnd)
+            loss = diffusion_loss(self.forward, self.objective, self.x0, None, rnd)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from torch import nn
 
 from .pipeline import UViTPipeline
 from .rundir import CHECKPOINTS_DIR, PIPELINE_DIR, TMP_PREFIX, checkpoint_dir, step_dirs, write_text_atomic
+from .schedule import default_scheduler
 
 TRAIN_STATE = "train_state.json"
 MANIFEST = "manifest.json"
@@ -202,9 +202,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
 
 def export_pipeline(transformer: nn.Module, noise_schedule: Mapping, vae: nn.Module | None,
                     out_dir: str | os.PathLike) -> UViTPipeline:
-    """Save `transformer` (the EMA model) with its training noise schedule (and VAE) as a `UViTPipeline`."""
-    pipeline = UViTPipeline(transformer=transformer, scheduler=DDPMScheduler.from_config(dict(noise_schedule)),
-                            vae=vae)
+    """Save `transformer` (the EMA model) with its training noise schedule (and VAE) as a `UViTPipeline`.
+
+    `noise_schedule` is a `uvit_cog.schedule.scheduler_config`; the pipeline carries it as the default scheduler
+    of its objective (`default_scheduler`: a DDPM scheduler, or a flow-matching Euler scheduler with every key
+    of its config explicit), from which `make_scheduler` builds any other sampler of that family.
+    """
+    pipeline = UViTPipeline(transformer=transformer, scheduler=default_scheduler(noise_schedule), vae=vae)
     pipeline.save_pretrained(out_dir)
     return pipeline
 

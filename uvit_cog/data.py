@@ -24,9 +24,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from .images import class_folder_items, load_npz_arrays, open_rgb
+from .images import class_folder_items, load_npz_arrays, open_rgb, split_npz_spec
 
 DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents")  # folder: a class folder, root/<class>/<image>
+# Where the held-out images of the validation loss come from: the data's own test split (CIFAR-10's, an .npz's
+# x_test), or `holdout` items that `build_dataset` keeps out of training.
+VAL_SPLITS = ("test", "holdout")
 LATENT_META = "meta.json"
 
 
@@ -184,9 +187,60 @@ def build_dataset(cfg: Mapping) -> Dataset:
     else:
         raise ValueError(f"unknown data.kind {kind!r}; choose one of {DATA_KINDS}")
     check_dataset(dataset, cfg)
+    if cfg.get("val_split") == "holdout" and cfg.get("holdout"):
+        dataset = torch.utils.data.Subset(dataset, holdout_split(len(dataset), int(cfg["holdout"]))[0])
     if cfg.get("max_images"):
         dataset = torch.utils.data.Subset(dataset, range(min(int(cfg["max_images"]), len(dataset))))
     return dataset
+
+
+def evenly_spaced(num_items: int, num: int) -> list[int]:
+    """`num` distinct indices spread evenly over `range(num_items)` (first and last included), so a subset of a
+    class-sorted set stays balanced."""
+    if not 0 < num <= num_items:
+        raise ValueError(f"cannot pick {num} of {num_items} items")
+    return np.linspace(0, num_items - 1, num).round().astype(int).tolist()
+
+
+def holdout_split(num_items: int, holdout: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices): `holdout` evenly spaced items held out of `range(num_items)`."""
+    if not 0 < holdout < num_items:
+        raise ValueError(f"data.holdout={holdout} must be between 1 and {num_items - 1}, the data's size - 1")
+    held = evenly_spaced(num_items, holdout)
+    kept = np.setdiff1d(np.arange(num_items), held).tolist()
+    return kept, held
+
+
+def build_validation_dataset(cfg: Mapping) -> Dataset:
+    """The held-out images of a `data` config for the validation loss, by `val_split`:
+
+    "test": the data's test split: CIFAR-10's test set, an .npz's `x_test` (with `y_test`) beside the
+    training array; "holdout": the `holdout` items that `build_dataset` keeps out of training. Neither is ever
+    trained on: a config that would train on its own test split is refused.
+    """
+    split, kind = cfg.get("val_split", "test"), cfg["kind"]
+    if split not in VAL_SPLITS:
+        raise ValueError(f"data.val_split={split!r}: choose one of {VAL_SPLITS}")
+    if split == "holdout":
+        if not cfg.get("holdout"):
+            raise ValueError("data.val_split=holdout needs data.holdout=N, the number of items held out of training")
+        full = build_dataset({**cfg, "val_split": None, "max_images": None})
+        return torch.utils.data.Subset(full, holdout_split(len(full), int(cfg["holdout"]))[1])
+    if cfg.get("split", "train") == "test":
+        raise ValueError(f"data={kind} trains on its test split (data.split=test), which data.val_split=test would "
+                         "validate on: train on data.split=train or set data.val_split=holdout")
+    if kind == "cifar10":
+        return build_dataset({**cfg, "split": "test", "val_split": None, "max_images": None})
+    if kind == "npz":
+        path, key = split_npz_spec(cfg["path"])
+        if key is not None and (not key.startswith("x_") or key == "x_test"):
+            raise ValueError(f"data.path={cfg['path']} names the array {key!r}, beside which there is no other x_test "
+                             "to validate on: set data.val_split=holdout and data.holdout=N")
+        dataset = ArrayDataset(*load_npz_arrays(f"{path}:x_test"), resolution=cfg["resolution"])
+        check_dataset(dataset, cfg)
+        return dataset
+    raise ValueError(f"data={kind} has no test split: set data.val_split=holdout and data.holdout=N (N items held "
+                     "out of training for the validation loss), or val.every=0")
 
 
 def check_dataset(dataset: Dataset, cfg: Mapping) -> None:

@@ -1,17 +1,19 @@
-"""The training step's pieces as plain functions: per-sample randomness, the loss, EMA and the rank-sync check.
+"""The training step's pieces as plain functions: per-sample randomness, the loss, the validation loss, EMA and the
+rank-sync check.
 
 Nothing here knows about configs or run directories: `train.py` passes explicit values.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from .schedule import sample_timesteps, training_target
+from .data import evenly_spaced, sample_latents
+from .schedule import Objective
 
 
 class GlobalBatchRandom:
@@ -37,20 +39,87 @@ class GlobalBatchRandom:
         """(local_batch, *shape) standard normal numbers."""
         return torch.randn(self.total, *shape, generator=self.generator, device=self.device)[self.rows]
 
-    def timesteps(self, num_train_timesteps: int) -> Tensor:
-        """(local_batch,) training timesteps, drawn as `uvit_cog.schedule.sample_timesteps` defines."""
-        return sample_timesteps(self.total, num_train_timesteps, self.generator, self.device)[self.rows]
+    def timesteps(self, objective: Objective) -> Tensor:
+        """(local_batch,) training values of t, drawn as the objective's `sample_t` defines."""
+        return objective.sample_t(self.total, self.generator, self.device)[self.rows]
 
 
-def diffusion_loss(model: nn.Module, noise_scheduler: DDPMScheduler, x0: Tensor, class_labels: Tensor | None,
+def diffusion_loss(model: nn.Module, objective: Objective, x0: Tensor, class_labels: Tensor | None,
                    rnd: GlobalBatchRandom) -> Tensor:
-    """The mean squared error of the model's prediction of the target that the scheduler config defines."""
-    t = rnd.timesteps(noise_scheduler.config.num_train_timesteps)
+    """The objective's loss (`Objective.loss`: the MSE of its target, weighted as configured) at t and noise
+    drawn from `rnd`; the model is called at the objective's timesteps (t for DDPM, t·T for flow matching)."""
+    t = rnd.timesteps(objective)
     noise = rnd.randn(*x0.shape[1:]).to(x0.dtype)
-    xt = noise_scheduler.add_noise(x0, noise, t)
-    target = training_target(noise_scheduler, x0, noise, t)
-    pred = model(xt, t, class_labels=class_labels).sample
-    return F.mse_loss(pred.float(), target.float())
+    xt = objective.add_noise(x0, noise, t)
+    pred = model(xt, objective.model_timesteps(t), class_labels=class_labels).sample
+    return objective.loss(pred, objective.target(x0, noise, t), t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation loss
+
+
+def validation_images(dataset: Dataset, num_images: int, seed: int = 0,
+                      latent_scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """`num_images` evenly spaced items of a held-out dataset as model inputs x0 (N, C, H, W) and labels (N,).
+
+    For a latent dataset (items are VAE moments) give `latent_scale`, the data's scale factor: each latent
+    is drawn once, mean + std·ε with ε from a generator seeded `seed`, so the set is fixed.
+    """
+    if num_images > len(dataset):
+        raise ValueError(f"num_images={num_images} but the held-out set has only {len(dataset)} images: "
+                         f"validate on at most {len(dataset)} (or hold out more)")
+    items = [dataset[i] for i in evenly_spaced(len(dataset), num_images)]
+    x0 = torch.stack([x for x, _ in items]).float()
+    labels = torch.stack([torch.as_tensor(y) for _, y in items]).long()
+    if latent_scale is not None:
+        eps = torch.randn(x0.shape[0], x0.shape[1] // 2, *x0.shape[2:], generator=torch.Generator().manual_seed(seed))
+        x0 = sample_latents(x0, latent_scale, eps)
+    return x0, labels
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, objective: Objective, x0: Tensor, class_labels: Tensor | None,
+                    num_timesteps: int = 10, seed: int = 0, batch_size: int = 64) -> dict:
+    """The denoising loss of `model` on held-out images x0 (N, C, H, W) at a fixed grid of t, with fixed noise.
+
+    Grid: `objective.grid(num_timesteps)`, evenly spaced values of t (DDPM: timesteps (k + ½)·T/K; flow
+    matching: t = (k + ½)/K); neither the training t distribution, its shift, nor the loss weighting apply,
+    so runs that differ in those still compare. The noise of grid point k is drawn on the CPU from a
+    generator seeded (seed, k), the same whatever the batch size, device or step. Returns
+
+        val_loss, val_loss_t          the MSE of the model's own target (ε, v, x0 or the flow velocity):
+                                      the mean over the grid and one value per grid point
+        val_eps_mse, val_eps_mse_t    the MSE of the ε̂ its prediction implies (`Objective.epsilon`),
+                                      comparable across objectives and parametrisations
+        val_timesteps, val_log_snr    the timestep the model saw at each grid point, and log SNR there
+                                      (objectives space their grids differently: compare curves on log SNR)
+
+    The model is evaluated in eval mode and left in the mode it was in.
+    """
+    device = next(model.parameters()).device
+    grid = objective.grid(num_timesteps)
+    was_training = model.training
+    model.eval()
+    loss_t, eps_t = [], []
+    for k, t in enumerate(grid):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(hash((int(seed), k)) & (2**63 - 1)))
+        loss_sum = eps_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(x0), batch_size):
+            x, n = (a[start : start + batch_size].to(device) for a in (x0, noise))
+            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+            tt = t.to(device).expand(len(x))
+            xt = objective.add_noise(x, n, tt)
+            pred = model(xt, objective.model_timesteps(tt), class_labels=labels).sample.float()
+            loss_sum = loss_sum + (pred - objective.target(x, n, tt).float()).square().flatten(1).mean(1).sum()
+            eps_sum = eps_sum + (objective.epsilon(pred, xt.float(), tt) - n).square().flatten(1).mean(1).sum()
+        loss_t.append(loss_sum.item() / len(x0))
+        eps_t.append(eps_sum.item() / len(x0))
+    model.train(was_training)
+    return dict(
+        val_loss=float(np.mean(loss_t)), val_eps_mse=float(np.mean(eps_t)), val_loss_t=loss_t, val_eps_mse_t=eps_t,
+        val_timesteps=objective.model_timesteps(grid).double().tolist(), val_log_snr=objective.log_snr(grid).tolist(),
+    )
 
 
 @torch.no_grad()
