@@ -8,6 +8,7 @@ See conf/sample.yaml for every option.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from uvit_cog.pipeline import load_pipeline
 from uvit_cog.rundir import resolve_pipeline_dir
 from uvit_cog.sampling import generate_samples, sample_grid
-from uvit_cog.schedule import SCHEDULERS
+from uvit_cog.schedule import check_scheduler, scheduler_family
 
 CONFIG = Path(__file__).resolve().parent / "conf" / "sample.yaml"
 # conf/ also holds training's `model/` config group, which would read `model=PATH` as a group choice;
@@ -34,11 +35,12 @@ def check_config(cfg: DictConfig) -> None:
     """Reject bad options before loading anything."""
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; choose one of {MODES}")
-    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)} or null")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}")
-    resolve_pipeline_dir(cfg.model)  # FileNotFoundError naming the path
+    path = resolve_pipeline_dir(cfg.model)  # FileNotFoundError naming the path
+    if cfg.scheduler is not None:  # a sampler of the model's objective (DDPM or flow matching), named both if not
+        saved = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        check_scheduler(cfg.scheduler, scheduler_family(saved))
 
 
 def requested_classes(cfg: DictConfig) -> list[int | str] | None:

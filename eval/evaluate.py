@@ -20,7 +20,7 @@ from uvit_cog.metrics import compute_metrics, format_table, input_kind, resolve_
 from uvit_cog.pipeline import load_pipeline
 from uvit_cog.rundir import write_text_atomic
 from uvit_cog.sampling import sample_and_evaluate
-from uvit_cog.schedule import SCHEDULERS
+from uvit_cog.schedule import SCHEDULER_NAMES
 
 
 def measure_options(cfg: DictConfig) -> dict:
@@ -33,8 +33,8 @@ def evaluate_model(cfg: DictConfig) -> dict:
     """Sample `cfg.num_samples` images from the model directory `cfg.input`, then score them."""
     if not cfg.num_samples:
         raise ValueError(f"{cfg.input} is a model: set num_samples, the number of images to generate")
-    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {sorted(SCHEDULERS)} or null")
+    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULER_NAMES:  # the family is checked on loading
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULER_NAMES} or null")
     classes = cfg.classes
     if isinstance(classes, ListConfig):
         classes = OmegaConf.to_container(classes)
