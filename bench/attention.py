@@ -1,7 +1,11 @@
-"""Cog attention against softmax SDPA: forward+backward time and peak memory, side by side.
+"""Cog attention and the other fused attention kinds against softmax SDPA: forward+backward time and peak memory.
 
     python bench/attention.py                 # CPU float32 (and GPU bfloat16 when CUDA is available)
     python bench/attention.py --block-sweep   # also time the CPU path for several block sizes
+    python bench/attention.py --kinds-only    # only the table of every fused kind
+
+The kinds table times every row map of the fused kernels (cog, softmax, softmax1, softpick, sigmoid)
+through the blocked CPU path (the Triton kernels on a GPU) against SDPA, interleaved in one round.
 
 CPU rows: SDPA softmax, the naive Cog (`impl="reference"`: sign(s)·softmax(|s|) with plain autograd),
 the lean autograd Function (`impl="torch"`) and the fused CPU path (`impl="cpu"`). Each time is the
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import uvit_cog.kernels.cpu as cpu_kernels
 
-from uvit_cog import cog_attention
+from uvit_cog import attention_variants, cog_attention
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CPU_IMPLS: dict[str, Fn] = {
@@ -38,6 +42,16 @@ CPU_IMPLS: dict[str, Fn] = {
     'cog "cpu" fused': lambda q, k, v: cog_attention(q, k, v, impl="cpu"),
 }
 LINEAR_MEMORY = ["sdpa softmax", 'cog "cpu" fused']  # timed side by side, apart from the O(N²) ones
+FUSED_KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
+
+
+def _kind_impl(kind: str, impl: str) -> Fn:
+    return lambda q, k, v: attention_variants[kind](q, k, v, impl=impl)
+
+
+KIND_IMPLS: dict[str, Fn] = {"sdpa softmax": F.scaled_dot_product_attention}
+KIND_IMPLS |= {f'{kind} "cpu"': _kind_impl(kind, "cpu") for kind in FUSED_KINDS}
+ALL_CPU_IMPLS = CPU_IMPLS | KIND_IMPLS  # what a memory child can be asked to run
 CPU_SHAPES = [(32, 8, 65, 64), (32, 8, 257, 64), (4, 8, 1025, 64), (1, 4, 4096, 64)]  # (B, H, N, D)
 GPU_SHAPES = [(64, 8, 257, 64), (16, 8, 1025, 64), (64, 8, 257, 72)]
 GPU_MEMORY_LENGTHS = [1025, 2049, 4097]
@@ -88,7 +102,7 @@ def _status_bytes(field: str) -> int:
 
 
 def memory_child(name: str, shape) -> None:
-    fn = CPU_IMPLS[name]
+    fn = ALL_CPU_IMPLS[name]
     forward_backward(fn, *make_inputs((1, 1, 64, shape[-1]), torch.float32, "cpu"))  # load libraries first
     qkv, grad = make_inputs(shape, torch.float32, "cpu")
     # Reset the peak RSS to the current RSS: getrusage's maxrss would start from the parent's peak, which a
@@ -116,6 +130,21 @@ def bench_cpu(reps: int) -> None:
         for name in CPU_IMPLS:
             t, m = times[name], peaks[name]
             print(f"{name:24s} {t * 1e3:9.1f} {t / base_t:7.2f} {m / 2**20:9.1f} {m / max(base_m, 1):7.2f}")
+
+
+def bench_cpu_kinds(reps: int) -> None:
+    print(f"\n## CPU float32, every fused kind (blocked CPU path) against SDPA, forward+backward, "
+          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+    print(f"{'B,H,N,D':20s} {'kind':10s} {'time ms':>9s} {'x SDPA':>7s} {'peak MiB':>9s} {'x SDPA':>7s}")
+    for shape in CPU_SHAPES:
+        n_reps = reps if shape[2] <= 257 else max(2, reps // 2)
+        times = median_times(KIND_IMPLS, shape, torch.float32, "cpu", n_reps)
+        peaks = {name: cpu_peak_growth(name, shape) for name in KIND_IMPLS}
+        base_t, base_m = times["sdpa softmax"], peaks["sdpa softmax"]
+        for name in KIND_IMPLS:
+            t, m = times[name], peaks[name]
+            print(f"{str(shape):20s} {name:10s} {t * 1e3:9.1f} {t / base_t:7.2f} {m / 2**20:9.1f} "
+                  f"{m / max(base_m, 1):7.2f}")
 
 
 def bench_block_sweep(reps: int) -> None:
@@ -169,21 +198,52 @@ def bench_gpu(reps: int) -> None:
         print(f"N={n:5d}  " + "   ".join(row))
 
 
+def bench_gpu_kinds(reps: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    impls: dict[str, Fn] = {"sdpa flash softmax": flash}
+    impls |= {f'{kind} "triton"': _kind_impl(kind, "triton") for kind in FUSED_KINDS}
+    print(f"\n## GPU bfloat16, every fused kind (Triton) against flash SDPA, forward+backward, "
+          f"{torch.cuda.get_device_name()}")
+    print(f"{'B,H,N,D':20s} {'kind':22s} {'time ms':>9s} {'throughput x SDPA':>18s} {'peak MiB':>9s}")
+    for shape in GPU_SHAPES + [(8, 8, GPU_MEMORY_LENGTHS[-1], 64)]:
+        times = median_times(impls, shape, torch.bfloat16, "cuda", reps)
+        for name, fn in impls.items():
+            qkv, grad = make_inputs(shape, torch.bfloat16, "cuda")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            forward_backward(fn, qkv, grad)
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ratio = times["sdpa flash softmax"] / times[name]
+            print(f"{str(shape):20s} {name:22s} {times[name] * 1e3:9.2f} {ratio:18.2f} {peak:9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
     parser.add_argument("--block-sweep", action="store_true", help="also sweep the CPU path's block size")
+    parser.add_argument("--kinds-only", action="store_true", help="only the table of every fused kind")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child[0], tuple(json.loads(args.memory_child[1])))
         return
     torch.manual_seed(0)
-    bench_cpu(args.reps)
+    if not args.kinds_only:
+        bench_cpu(args.reps)
+    bench_cpu_kinds(args.reps)
     if args.block_sweep:
         bench_block_sweep(args.reps)
     if torch.cuda.is_available():
-        bench_gpu(args.reps)
+        if not args.kinds_only:
+            bench_gpu(args.reps)
+        bench_gpu_kinds(args.reps)
     else:
         print("\n(no CUDA GPU: GPU section not run)")
 

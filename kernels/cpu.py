@@ -27,11 +27,12 @@ float16 inputs are computed in float32 because CPUs have no fast float16 matmul.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from . import row_map_arguments
 
 # Score elements per block: 2^18 float32 = 1 MiB, so the four scratch blocks fit in L2/L3 while the
 # per-call overhead stays small against the matmul work (2^17 to 2^20 measured, docs/benchmarks.md).
@@ -233,7 +234,7 @@ class BlockedAttentionCPU(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, kind: str,
-                bias: float, eps: float, sink: Tensor | None) -> Tensor:
+                bias: float, eps: float, sink: Tensor) -> Tensor:
         B, H, N, D = q.shape
         M = k.shape[2]
         mm, acc = _dtypes(q.dtype)
@@ -243,7 +244,7 @@ class BlockedAttentionCPU(torch.autograd.Function):
         vv = v.to(mm).reshape(B * H, M, D)
         out = torch.empty(B * H, N, D, dtype=acc)
         masks = _MaskBlocks(attn_mask, B, H, N, M)
-        params = _Params(bias, eps, torch.zeros(H, dtype=acc) if sink is None else sink.detach().to(acc), H)
+        params = _Params(bias, eps, sink.detach().to(acc), H)
         scratch = _Scratch(1 + extra, B * H, N, M, acc)
         k_t, v_acc = kk.transpose(1, 2), vv.to(acc)
         for hs, rs in _blocks(B * H, N, M):
@@ -271,7 +272,7 @@ class BlockedAttentionCPU(torch.autograd.Function):
         dq = torch.empty(B * H, N, D, dtype=acc)
         dk = torch.empty(B * H, M, D, dtype=acc)
         dv = torch.empty(B * H, M, D, dtype=acc)
-        dsink = torch.zeros(B * H, dtype=acc) if sink is not None and ctx.needs_input_grad[8] else None
+        dsink = torch.zeros(B * H, dtype=acc) if ctx.needs_input_grad[8] else None
         masks = _MaskBlocks(attn_mask, B, H, N, M)
         scratch = _Scratch(2 + extra, B * H, N, M, acc)
         # Operands converted and transposed once, not per block (O(N·D) each).
@@ -318,10 +319,7 @@ def attention_cpu(
         raise ValueError(f"attention_cpu needs CPU tensors, got {q.device}; use impl='triton' on CUDA")
     if kind not in _ROW_MAPS:
         raise ValueError(f"attention_cpu: unknown kind {kind!r}; choose one of {KINDS}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = -math.log(k.shape[2]) if bias is None else float(bias)
-    if not isinstance(sink, Tensor):
-        sink = None if sink == 0.0 else torch.full((q.shape[1],), float(sink))
+    scale, bias, sink = row_map_arguments(q, k, scale, bias, sink)
     return BlockedAttentionCPU.apply(q, k, v, attn_mask, scale, kind, bias, float(eps), sink)
 
 

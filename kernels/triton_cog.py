@@ -47,6 +47,8 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
+from . import row_map_arguments
+
 INTERPRET = knobs.runtime.interpret
 AUTOTUNE = torch.cuda.is_available() and not INTERPRET
 FIXED_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # used without autotuning
@@ -413,10 +415,7 @@ def attention_triton(
             f"impl='triton' needs CUDA tensors, got {q.device}; use impl='cpu' on the CPU "
             "(or set TRITON_INTERPRET=1 before importing uvit_cog.kernels.triton_cog to test the kernels)"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bias = -math.log(k.shape[2]) if bias is None else float(bias)
-    if not isinstance(sink, Tensor):
-        sink = torch.full((q.shape[1],), float(sink), device=q.device)
+    scale, bias, sink = row_map_arguments(q, k, scale, bias, sink)
     return AttentionTriton.apply(q, k, v, attn_mask, scale, kind, bias, float(eps), sink)
 
 
