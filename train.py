@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from uvit_cog import UViTModel, UViTPipeline
 from uvit_cog.checkpoints import (
     TRAIN_STATE,
+    CheckpointError,
     export_final_pipeline,
     export_pipeline,
     load_checkpoint,
@@ -53,7 +54,7 @@ from uvit_cog.data import (
     sample_latents,
 )
 from uvit_cog.model import PRESETS
-from uvit_cog.rundir import MetricsLog, RunLock, atomic_write, read_config, write_config
+from uvit_cog.rundir import MetricsLog, RunInUseError, RunLock, atomic_write, read_config, write_config
 from uvit_cog.sampling import sample_and_evaluate, sample_grid
 from uvit_cog.schedule import Objective, check_scheduler, default_scheduler, make_objective, scheduler_config
 from uvit_cog.training import (
@@ -480,7 +481,10 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
 
 @hydra.main(config_path="conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointError, FloatingPointError, RunInUseError) as e:  # said in full: no traceback needed
+        raise SystemExit(f"train.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from uvit_cog.checkpoints import PAUSE_AT, PAUSE_MARKER, list_checkpoints
+from uvit_cog.checkpoints import PAUSE_AT, PAUSE_MARKER, list_checkpoints, verify_checkpoint
 from uvit_cog.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +47,14 @@ def start(run_dir: Path, steps: int, every: int, log: Path, env: dict | None = N
 def progress(run_dir: Path) -> int:
     """The last step the run logged (log.every=1: the last step it finished)."""
     return max((r["step"] for r in read_metrics(run_dir) if "loss" in r), default=0)
+
+
+def saved_step(run_dir: Path) -> int:
+    """The step a restart can resume from: the newest intact checkpoint, counting one a kill left moved aside."""
+    root = run_dir / "checkpoints"
+    dirs = list_checkpoints(run_dir) + [p for p in root.glob(".old_step_*") if not (root / p.name[5:]).exists()]
+    steps = [int(p.name.rsplit("_", 1)[1]) for p in dirs if not verify_checkpoint(p)]
+    return max(steps, default=0)
 
 
 def weights(run_dir: Path) -> dict:
@@ -81,13 +88,11 @@ def main() -> None:
     rng.shuffle(plan)
     kills, worst = [], 0
     for kind, point in plan:
-        before = progress(victim) if victim.exists() else 0
-        offset = log.stat().st_size if log.exists() else 0
         env = {PAUSE_AT: point, PAUSE_MARKER: str(args.out / "paused")} if kind == "pause" else {}
         (args.out / "paused").unlink(missing_ok=True)
         proc = start(victim, args.steps, args.checkpoint_every, log, env)
         delay = rng.uniform(0.5, args.max_delay)
-        deadline = time.monotonic() + (120 if kind == "pause" else delay)
+        deadline = time.monotonic() + (300 if kind == "pause" else delay)
         while time.monotonic() < deadline and proc.poll() is None:
             if kind == "pause" and (args.out / "paused").exists():
                 break
@@ -96,22 +101,21 @@ def main() -> None:
         if not finished:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        text = log.read_text()[offset:]
-        resumed = re.search(r"resumed from \S+ at step (\d+)", text)
-        resumed_step = int(resumed.group(1)) if resumed else 0
-        lost = max(before - resumed_step, 0)  # steps the previous kill threw away, seen at this restart
+        elif proc.returncode != 0:
+            raise SystemExit(f"the run failed by itself (exit {proc.returncode}): see {log}")
+        root = victim / "checkpoints"
+        inside = any(root.glob(".tmp_step_*")) or any(root.glob(".old_step_*"))  # a save had begun, not ended
+        done = progress(victim) if victim.exists() else 0
+        lost = max(done - saved_step(victim), 0) if not finished else 0  # steps a restart has to train again
         worst = max(worst, lost)
         kills.append({"kind": kind, "point": point, "after_s": None if kind == "pause" else round(delay, 2),
-                      "resumed_at": resumed_step, "progress_at_kill": progress(victim) if victim.exists() else 0,
-                      "lost_steps_of_previous_kill": lost, "finished_before_kill": finished})
+                      "progress_at_kill": done, "resumable_step": saved_step(victim), "lost_steps": lost,
+                      "inside_checkpoint_write": inside and not finished,
+                      "finished_before_kill": finished})
         if kind == "pause" and not finished and not (args.out / "paused").exists():
             raise SystemExit(f"the run never reached pause point {point}: see {log}")
-    before = progress(victim)
-    offset = log.stat().st_size
     if start(victim, args.steps, args.checkpoint_every, log).wait() != 0:
         raise SystemExit(f"the final restart failed: see {log}")
-    resumed = re.search(r"resumed from \S+ at step (\d+)", log.read_text()[offset:])
-    worst = max(worst, before - (int(resumed.group(1)) if resumed else 0))
 
     ref, got = weights(reference), weights(victim)
     identical = all(ref[part].keys() == got[part].keys() and all(ref[part][k].equal(got[part][k]) for k in ref[part])
@@ -119,6 +123,8 @@ def main() -> None:
     summary = {"kills": len([k for k in kills if not k["finished_before_kill"]]),
                "pause_kills": {p: sum(1 for k in kills if k["point"] == p) for p in points},
                "random_kills": sum(1 for k in kills if k["kind"] == "random" and not k["finished_before_kill"]),
+               "random_kills_inside_checkpoint_writes": sum(1 for k in kills if k["kind"] == "random"
+                                                            and k["inside_checkpoint_write"]),
                "max_lost_steps": worst, "checkpoint_every": args.checkpoint_every,
                "final_weights_identical": identical, "details": kills}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -164,8 +164,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
 
     Every rank calls this (DeepSpeed and FSDP save collectively). The main process writes the pipeline export
     (the EMA), the train state and the manifest into a temporary directory, renames it into place, and prunes.
-    An OSError (a full disk, a lost mount) removes the temporary directory, leaves every earlier checkpoint as
-    it was and raises a `CheckpointError` that says so.
+    A failed write (a full disk, a lost mount) removes the temporary directory, leaves every earlier checkpoint as
+    it was and raises a `CheckpointError` that says so; so does any other error while writing.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(TMP_PREFIX + final.name)
@@ -187,14 +187,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
             pause_point("committed")
             for old in list_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old)
-    except OSError as e:
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError, safetensors and json as OSError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(run_dir)]
+        free = shutil.disk_usage(final.parent).free
         raise CheckpointError(
-            f"could not write the checkpoint of step {step} ({type(e).__name__}: {e}); the unfinished copy was "
-            f"removed and the earlier checkpoints are untouched ({', '.join(previous) or 'none yet'}). Free space "
-            "or fix the folder, then run the same command again to resume from the latest one."
+            f"could not write the checkpoint of step {step} ({type(e).__name__}: {e}); {free / 2**20:.1f} MiB free "
+            f"in {final.parent}. The unfinished copy was removed and the earlier checkpoints are untouched "
+            f"({', '.join(previous) or 'none yet'}). Free space or fix the folder, then run the same command again "
+            "to resume from the latest one."
         ) from e
     accelerator.wait_for_everyone()
     return final

@@ -178,6 +178,10 @@ class MetricsLog:
             self.trackers(numbers, int(record["step"]))
 
 
+class RunInUseError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
 class RunLock:
     """An exclusive lock on a run directory (`RUN/train.lock`), so two trainings never write one run.
 
@@ -191,14 +195,14 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock or raise a RuntimeError naming its holder; returns a note on a stale lock taken over."""
+        """Take the lock or raise a `RunInUseError` naming its holder; returns a note on a stale lock taken over."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(
+            raise RunInUseError(
                 f"run_dir={self.path.parent} is in use by {holder} (lock {self.path}); wait for it to finish, "
                 "stop it, or set another run_dir"
             ) from None
