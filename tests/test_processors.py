@@ -21,7 +21,7 @@ from diffusers.models.transformers import transformer_flux
 import uvit_cog
 from uvit_cog import UViTModel
 from uvit_cog.attention import cog_attention_reference, reference_attention
-from uvit_cog.processors import CONFIG_KEY, attention_layers, keep_mask, load_model, set_attention
+from uvit_cog.processors import CONFIG_KEY, attention_layers, keep_mask, load_model, restore_attention, set_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -303,6 +303,34 @@ def test_a_later_call_replaces_an_earlier_one_and_none_restores():
     assert CONFIG_KEY not in model.config
 
 
+def _helper_attention(q, k, v):
+    """A module-level helper that computes attention: set_attention re-binds it for the processor below."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class HelperProcessor:
+    """A processor of one's own (self-attention only) whose attention call sits in a helper function."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q, k, v = (f(hidden_states).view(b, n, attn.heads, -1).transpose(1, 2)
+                   for f in (attn.to_q, attn.to_k, attn.to_v))
+        return attn.to_out[0](_helper_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_processors_of_ones_own_with_attention_in_a_helper():
+    model, inputs = build("dit")
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(HelperProcessor())
+    with torch.no_grad(), every_attention_call(model, cog_reference):
+        expected = run(model, inputs)
+    set_attention(model, "cog", "all")
+    assert type(model.transformer_blocks[0].attn1.processor).__mro__[1] is HelperProcessor
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, inputs), expected, atol=2e-5, rtol=1e-4)
+    assert _helper_attention.__globals__["F"] is F  # the module's own helper is untouched
+
+
 # --- refusals ---
 
 
@@ -407,6 +435,19 @@ def test_plain_from_pretrained_warns_that_it_loads_softmax(tmp_path):
     assert any(CONFIG_KEY in m and "uvit_cog.load_model" in m and "softmax" in m for m in messages), messages
     with torch.no_grad():  # what it warns about: the weights came back, the Cog attention did not
         torch.testing.assert_close(run(plain, inputs), softmax_out, atol=1e-6, rtol=1e-6)
+
+
+def test_from_config_copies_get_the_attention_back_with_restore_attention():
+    """An EMA-style copy built from the config: diffusers drops the record, restore_attention reads it."""
+    model, inputs = build("sd3")
+    set_attention(model, "softpick", [1, 2])
+    copy = restore_attention(diffusers.SD3Transformer2DModel.from_config(model.config), model.config)
+    copy.load_state_dict(model.state_dict())
+    assert _routed(copy.eval()) == [False, True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(run(copy, inputs), run(model, inputs), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="must hold 'kind' and 'layers'"):
+        restore_attention(copy, {CONFIG_KEY: {"kind": "cog"}})
 
 
 def test_load_model_errors(tmp_path):

@@ -24,8 +24,9 @@ import copy
 import functools
 import json
 import logging
+import sys
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,22 +177,24 @@ def _names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _attention_functions(module_globals: dict[str, Any]) -> set[str]:
+@functools.cache
+def _attention_functions(module_name: str) -> frozenset[str]:
     """Names of the module-level functions of a module that compute attention, directly or through each other."""
+    module_globals = sys.modules[module_name].__dict__
     own = {
         name: fn
         for name, fn in module_globals.items()
         if isinstance(fn, types.FunctionType) and fn.__globals__ is module_globals
     }
-    found = {name for name, fn in own.items() if _computes_attention(fn.__code__, module_globals, set())}
+    found = {name for name, fn in own.items() if _computes_attention(fn.__code__, module_globals, frozenset())}
     while True:
         more = {name for name, fn in own.items() if name not in found and _names(fn.__code__) & found}
         if not more:
-            return found
+            return frozenset(found)
         found |= more
 
 
-def _computes_attention(code: types.CodeType, module_globals: dict[str, Any], helpers: set[str]) -> bool:
+def _computes_attention(code: types.CodeType, module_globals: dict[str, Any], helpers: frozenset[str]) -> bool:
     """Whether code calls F.scaled_dot_product_attention, dispatch_attention_fn or an attention helper."""
     names = _names(code)
     for name in names:
@@ -205,9 +208,10 @@ def _computes_attention(code: types.CodeType, module_globals: dict[str, Any], he
 
 @functools.cache
 def _rerouted_globals(module_name: str, kind: str) -> dict[str, Any]:
-    """A copy of a module's globals in which attention calls compute `kind` (one copy per module and kind)."""
-    import sys
+    """A copy of a module's globals in which attention calls compute `kind` (one copy per module and kind).
 
+    A snapshot: globals the module rebinds later (none of diffusers' processor modules does) are not seen.
+    """
     original = sys.modules[module_name].__dict__
     rerouted = dict(original)
     for name, value in original.items():
@@ -215,7 +219,7 @@ def _rerouted_globals(module_name: str, kind: str) -> dict[str, Any]:
             rerouted[name] = _Functional(kind)
         elif value is dispatch_attention_fn:
             rerouted[name] = _dispatch(kind)
-    for name in _attention_functions(original):
+    for name in _attention_functions(module_name):
         rerouted[name] = _rebind(original[name], rerouted)
     return rerouted
 
@@ -244,10 +248,11 @@ def _processor_class(cls: type, kind: str) -> type:
         for name, fn in vars(klass).items():
             if name in methods or not isinstance(fn, types.FunctionType):
                 continue
-            module_globals = fn.__globals__
-            helpers = _attention_functions(module_globals)
-            if _computes_attention(fn.__code__, module_globals, helpers):
-                methods[name] = _rebind(fn, _rerouted_globals(module_globals["__name__"], kind))
+            module_name = fn.__globals__["__name__"]
+            if getattr(sys.modules.get(module_name), "__dict__", None) is not fn.__globals__:
+                raise TypeError(f"set_attention: {cls.__name__}.{name} is not defined in an imported module")
+            if _computes_attention(fn.__code__, fn.__globals__, _attention_functions(module_name)):
+                methods[name] = _rebind(fn, _rerouted_globals(module_name, kind))
             else:
                 methods[name] = fn  # keeps a subclass's own method from being shadowed by a rebound base one
     rebound = {name: fn for name, fn in methods.items() if fn is not getattr(cls, name, None)}
@@ -433,14 +438,24 @@ def load_model(path: str | Path, subfolder: str | None = None, **kwargs: Any) ->
         model = cls.from_pretrained(path, subfolder=subfolder, **kwargs)
     finally:
         config_logger.removeFilter(quiet)
+    return restore_attention(model, config, str(config_path))
+
+
+def restore_attention(model: nn.Module, config: Mapping[str, Any], source: str = "config") -> nn.Module:
+    """Give `model` the attention recorded in `config` by `set_attention` (nothing if none is recorded).
+
+    For models built by `Model.from_config(config)` (e.g. an EMA copy), which ignores the record as
+    `from_pretrained` does. `source` names the config in errors.
+    """
     record = config.get(CONFIG_KEY)
-    if record is not None:
-        if not isinstance(record, dict) or "kind" not in record or "layers" not in record:
-            raise ValueError(f"load_model: {config_path} field {CONFIG_KEY!r} must hold 'kind' and 'layers'")
-        set_attention(model, record["kind"], record["layers"])
-    return model
+    if record is None:
+        return model
+    if not isinstance(record, Mapping) or "kind" not in record or "layers" not in record:
+        raise ValueError(f"{source}: field {CONFIG_KEY!r} must hold 'kind' and 'layers', got {record!r}")
+    return set_attention(model, record["kind"], record["layers"])
 
 
 __all__ = [
-    "CONFIG_KEY", "attention_fn", "attention_layers", "keep_mask", "load_model", "resolve_layers", "set_attention",
+    "CONFIG_KEY", "attention_fn", "attention_layers", "keep_mask", "load_model", "resolve_layers", "restore_attention",
+    "set_attention",
 ]
