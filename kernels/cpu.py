@@ -104,7 +104,8 @@ _SIGN_BIT = {torch.float32: (torch.int32, -(2**31)), torch.float64: (torch.int64
 
 # A row map turns the scores s of one block (overwritten) into the weights w, using the scratch buffers
 # `bufs` and the kind's parameters; it returns (w, aux), aux being what its gradient needs besides w.
-# A gradient map turns dP (overwritten) into dS in place. Rows with no kept key must give w = 0.
+# A gradient map turns dP into dS in place, and may overwrite w and aux (dV has been accumulated).
+# Rows with no kept key must give w = 0.
 RowMap = Callable[[Tensor, "Tensor | None", list, dict], tuple]
 
 
@@ -149,31 +150,34 @@ def _softmax_grad(dp: Tensor, w: Tensor, aux: None, delta: Tensor) -> Tensor:
 
 
 def _softmax1(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, Tensor]:
-    """w = e^{s−m}/(e^{c−m} + Σe^{s−m}), m = max(c, max s); aux = the sink's weight e^{c−m}/Z per row."""
+    """w = p·r with p = softmax(s) (ATen's fused pass) and r = Σeˢ/(e^c + Σeˢ) = 1/(1 + e^{c−m}·p_max).
+
+    Σeˢ = e^m/p_max at the row's argmax, where p_max >= 1/M, so r needs no further pass over the row;
+    aux = the sink's weight 1 − r per row. A row with no kept key has p = 0 and gives w = 0.
+    """
     if drop is not None:
         s.masked_fill_(drop, float("-inf"))
-    c = params["sink"]
-    m = torch.maximum(s.amax(dim=-1, keepdim=True), c)
-    w = s.sub_(m).exp_()
-    sink = torch.exp(c - m)
-    z = w.sum(dim=-1, keepdim=True).add_(sink)
-    return w.div_(z), sink.div_(z)
+    m, arg = s.max(dim=-1, keepdim=True)
+    p = torch.ops.aten._softmax.out(s, -1, False, out=bufs[0])
+    _zero_empty_rows(p, drop)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    r = torch.exp(params["sink"] - m).mul_(p.gather(-1, arg)).add_(1.0).reciprocal_()
+    return p.mul_(r), r.neg_().add_(1.0)
 
 
 def _sigmoid(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, None]:
     w = s.add_(params["bias"]).sigmoid_()
     if drop is not None:
         w.masked_fill_(drop, 0.0)
-    return w, bufs[0]
+    return w, None
 
 
-def _sigmoid_grad(dp: Tensor, w: Tensor, aux: Tensor, delta: Tensor) -> Tensor:
-    torch.mul(w, w, out=aux)
-    return dp.mul_(aux.neg_().add_(w))  # dP∘(w − w²)
+def _sigmoid_grad(dp: Tensor, w: Tensor, aux: None, delta: Tensor) -> Tensor:
+    return torch.ops.aten.sigmoid_backward.grad_input(dp, w, grad_input=dp)  # dP∘w∘(1 − w), one fused pass
 
 
-def _softpick(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """u' = e^{s−m} − e^{−m} (= e^{−m}(eˢ − 1)), w = ReLU(u')/Z'; aux = (e^{s−m}/Z', u')."""
+def _softpick(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, tuple]:
+    """u' = e^{s−m} − e^{−m} (= e^{−m}(eˢ − 1)), w = ReLU(u')/Z'; aux = (e^{s−m}, u', Z')."""
     if drop is not None:
         s.masked_fill_(drop, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).clamp_min_(0.0)
@@ -182,24 +186,23 @@ def _softpick(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple
     u = torch.sub(g, floor, out=s)
     if drop is not None:
         u.masked_fill_(drop, 0.0)
-    z = torch.abs(u, out=bufs[1]).sum(dim=-1, keepdim=True).add_(floor, alpha=params["eps"])
-    g.div_(z)
-    return torch.clamp_min(u, 0.0, out=bufs[1]).div_(z), (g, u)
+    z = torch.linalg.vector_norm(u, 1, dim=-1, keepdim=True).add_(floor, alpha=params["eps"])
+    return torch.clamp_min(u, 0.0, out=bufs[1]).div_(z), (g, u, z)
 
 
-def _softpick_grad(dp: Tensor, w: Tensor, aux: tuple[Tensor, Tensor], delta: Tensor) -> Tensor:
-    g, u = aux
-    # [u > 0]∘(dP − Δ) + [u < 0]∘Δ, times e^{s}/Z; masked keys have g = 0.
-    ds = torch.where(u > 0, dp.sub_(delta), torch.where(u < 0, delta, 0.0).to(dp.dtype))
-    return ds.mul_(g)
+def _softpick_grad(dp: Tensor, w: Tensor, aux: tuple, delta: Tensor) -> Tensor:
+    """dS = (e^{s−m}/Z')∘([u > 0]∘dP − sign(u)∘Δ), in place in dP, w and u (masked keys have e^{s−m} = 0)."""
+    g, u, z = aux
+    sign = torch.sign(u, out=w)
+    return dp.mul_(u.gt_(0.0)).addcmul_(sign, delta, value=-1.0).mul_(g).div_(z)
 
 
 # kind -> (row map, gradient map, scratch buffers the row map needs besides s)
 _ROW_MAPS: dict[str, tuple[RowMap, Callable[..., Tensor], int]] = {
     "cog": (_cog, _cog_grad, 2),
     "softmax": (_softmax, _softmax_grad, 1),
-    "softmax1": (_softmax1, _softmax_grad, 0),
-    "sigmoid": (_sigmoid, _sigmoid_grad, 1),
+    "softmax1": (_softmax1, _softmax_grad, 1),
+    "sigmoid": (_sigmoid, _sigmoid_grad, 0),
     "softpick": (_softpick, _softpick_grad, 2),
 }
 KINDS = tuple(_ROW_MAPS)
