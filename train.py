@@ -122,6 +122,10 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
                          "or model.num_classes=data.num_classes")
     if cfg.log.keep_checkpoints < 1:
         raise ValueError(f"log.keep_checkpoints={cfg.log.keep_checkpoints}: keep at least 1")
+    try:
+        diffusion_setup(cfg)  # an unknown objective, schedule, prediction type, t sampling or weighting
+    except ValueError as e:
+        raise ValueError(f"diffusion: {e}") from e
     for group in ("sample", "fid"):
         if cfg.model.num_classes == 0 and cfg[group].guidance != 1.0:
             raise ValueError(f"{group}.guidance must be 1.0 for an unconditional model "
@@ -130,10 +134,6 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
             check_scheduler(cfg[group].scheduler, cfg.diffusion.objective)
         except ValueError as e:
             raise ValueError(f"{group}.scheduler={cfg[group].scheduler!r}: {e}") from e
-    try:
-        diffusion_setup(cfg)  # an unknown objective, schedule, prediction type, t sampling or weighting
-    except ValueError as e:
-        raise ValueError(f"diffusion: {e}") from e
     _validate_val(cfg)
     if cfg.diffusion.clip_sample and cfg.data.kind == "latents":
         raise ValueError("diffusion.clip_sample=true clips to [-1, 1], which latents are not bounded by: "
