@@ -285,3 +285,14 @@ def test_a_run_directory_of_the_previous_format_loads_and_resumes(tmp_path):
     fresh = train_script.train(train_config(*OLD_RUN_SETTINGS, "train.steps=6", f"run_dir={tmp_path / 'fresh'}"))
     assert_same_weights(final_model(run_dir), final_model(fresh))
     assert_same_weights(final_ema(run_dir), final_ema(fresh))
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(finished_run, mnist_npz):
+    path = finished_run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 5, "loss": 0.9')  # the process died while appending
+    assert [r["step"] for r in read_metrics(finished_run)] == [1, 2, 3, 4]
+    train_script.train(train_config(*npz_overrides(mnist_npz, finished_run, "train.steps=6")))
+    assert [r["step"] for r in read_metrics(finished_run)] == [1, 2, 3, 4, 5, 6]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+        read_metrics(finished_run)
