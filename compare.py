@@ -1,18 +1,25 @@
-"""U-ViT against U-ViC, side by side: the same config, seeds, data order and budget, one report.
+"""Variants side by side: attention kinds, objectives or whole recipes, trained with the same config, seeds,
+data order and budget, compared against a baseline seed by seed, in one report.
 
-    python compare.py compare=cpu reference=runs/stats/cifar10_train.npz
-    python compare.py compare=gpu reference=fid_stats_cifar10_train.npz \
-        launcher="accelerate launch --multi_gpu --num_processes 4"
+    python compare.py compare=cpu reference=runs/stats/cifar10_train_5k.npz                 # softmax vs cog
+    python compare.py compare=cpu kinds=[softmax,cog,sigmoid,softpick] reference=...         # N attention kinds
+    python compare.py compare=cpu objectives=[ddpm,flow_matching] reference=...              # both objectives
+    python compare.py compare=gpu reference=fid_stats_cifar10_train.npz launcher="accelerate launch --multi_gpu"
 
-Each (model, seed) is one `train.py` run in `out_dir/<model>_seed<seed>` with periodic FID of the EMA
-model (train.py's `fid.*`). Finished runs are kept and unfinished ones resume, so the command can be
-started again after an interruption. Writes `out_dir/report.md` (table), `out_dir/report.json` and
-`out_dir/report.png` (loss curves and FID against steps).
+Each (variant, seed) is one `train.py` run in `out_dir/<variant>_seed<seed>`; the first variant is the baseline.
+A seed fixes the initial weights (an attention kind adds or changes no shared parameter), the data order and
+the noise, so each seed's difference to the baseline is a paired measurement: the report gives every seed's
+difference and their spread, because the seed-to-seed spread of one model can be many times the difference
+between two. The verdict uses the held-out validation ε-MSE when the runs logged it (exact with fixed noise,
+comparable across objectives) and FID otherwise, and says which decided. Finished runs are kept and
+unfinished ones resume. Writes `report.md`, `report.json` and `report.png`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -23,86 +30,150 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from uvit_cog.rundir import is_pipeline_dir, run_summary
+from uvit_cog.schedule import DEFAULT_SCHEDULERS
+
+VERDICTS = ("auto", "val", "fid")
+# What each verdict metric reads from a run summary, and how it is named in the report (lower is better).
+METRICS = {"val": ("final_val_eps_mse", "validation ε-MSE"), "fid": ("final_fid", "FID")}
 
 
-def train_run(cfg: DictConfig, model: str, experiment: str, seed: int) -> Path:
-    """Train (or resume, or keep) one model with one seed; returns its run directory."""
-    run_dir = Path(cfg.out_dir) / f"{model}_seed{seed}"
+def variants(cfg: DictConfig) -> dict[str, list[str]]:
+    """Variant name → train.py overrides. `kinds=`/`objectives=` (either or both: their product) replace the
+    preset's `compare.variants`; a variant given as a string names an experiment, a list adds overrides to the
+    preset's base `compare.experiment`."""
+    axes = []
+    if cfg.kinds:
+        axes.append([(k, [f"model.attention_type={k}"]) for k in cfg.kinds])
+    if cfg.objectives:
+        axes.append([(o, [f"diffusion.objective={o}", f"sample.scheduler={DEFAULT_SCHEDULERS[o]}",
+                          f"fid.scheduler={DEFAULT_SCHEDULERS[o]}"]) for o in cfg.objectives])
+    if axes:
+        return {"+".join(name for name, _ in combo): [o for _, overrides in combo for o in overrides]
+                for combo in itertools.product(*axes)}
+    out = {}
+    for name, spec in cfg.compare.variants.items():
+        out[name] = [f"experiment={spec}"] if isinstance(spec, str) else list(spec)
+    return out
+
+
+def train_run(cfg: DictConfig, name: str, overrides: list[str], seed: int) -> Path:
+    """Train (or resume, or keep) one variant with one seed; returns its run directory."""
+    run_dir = Path(cfg.out_dir) / f"{name}_seed{seed}"
     if is_pipeline_dir(run_dir / "pipeline"):
         print(f"[compare] {run_dir} is finished; keeping it")
         return run_dir
-    args = [f"experiment={experiment}", f"seed={seed}", f"run_dir={run_dir}", f"name={model}_seed{seed}",
+    base = [] if any(o.startswith("experiment=") for o in overrides) else [f"experiment={cfg.compare.experiment}"]
+    args = [*base, *overrides, f"seed={seed}", f"run_dir={run_dir}", f"name={name}_seed{seed}",
             f"fid.reference={cfg.reference}", *cfg.compare.overrides]
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable]
     command = [*launcher, "train.py", *args]
     print("[compare] " + " ".join(command), flush=True)
     if subprocess.run(command, cwd=Path(__file__).resolve().parent).returncode != 0:
-        raise SystemExit(f"compare.py: training {model} (seed {seed}) failed; see its output above. Fix the "
+        raise SystemExit(f"compare.py: training {name} (seed {seed}) failed; see its output above. Fix the "
                          "cause and run the same command again: finished runs are kept, the rest resume.")
     return run_dir
 
 
-def verdict(results: dict[str, dict[int, dict]]) -> str:
-    """Which model has the lower mean final FID, and whether the gap exceeds the seed-to-seed spread."""
-    mean = {m: statistics.fmean(r["final_fid"] for r in runs.values()) for m, runs in results.items()}
-    spread = max(max(r["final_fid"] for r in runs.values()) - min(r["final_fid"] for r in runs.values())
-                 for runs in results.values())
-    best, other = sorted(mean, key=mean.get)
-    gap = mean[other] - mean[best]
-    seeds = len(next(iter(results.values())))
-    if seeds < 2:
-        return f"{best} has the lower FID ({mean[best]:.2f} vs {mean[other]:.2f}); one seed, so no spread is known."
-    larger = "larger" if gap > spread else "not larger"
-    return (f"{best} has the lower mean final FID ({mean[best]:.2f} vs {mean[other]:.2f}, gap {gap:.2f}); "
-            f"the gap is {larger} than the seed-to-seed spread ({spread:.2f}, the largest max−min over seeds "
-            f"of either model).")
+def paired(results: dict[str, dict[int, dict]], key: str, baseline: str) -> dict[str, dict]:
+    """Per variant: each seed's difference to the baseline in `key`, their mean, spread and a paired t."""
+    out = {}
+    for name, runs in results.items():
+        if name == baseline:
+            continue
+        diffs = {s: runs[s][key] - results[baseline][s][key] for s in runs
+                 if math.isfinite(runs[s][key]) and math.isfinite(results[baseline][s][key])}
+        values = list(diffs.values())
+        mean = statistics.fmean(values) if values else float("nan")
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        t = mean / (std / math.sqrt(len(values))) if len(values) > 1 and std > 0 else float("nan")
+        out[name] = dict(diffs=diffs, mean=mean, std=std, t=t, lower=sum(d < 0 for d in values), n=len(values))
+    return out
 
 
-def write_report(cfg: DictConfig, results: dict[str, dict[int, dict]]) -> Path:
-    """report.md (table and verdict), report.json (all curves) and report.png (loss and FID against steps)."""
+def decide(cfg: DictConfig, results: dict[str, dict[int, dict]]) -> tuple[str, str]:
+    """The verdict metric and why: validation ε-MSE when every run logged it (unless verdict=fid), else FID."""
+    have_val = all(math.isfinite(r["final_val_eps_mse"]) for runs in results.values() for r in runs.values())
+    if cfg.verdict == "val" or (cfg.verdict == "auto" and have_val):
+        if not have_val:
+            raise SystemExit("compare.py: verdict=val but some runs logged no validation loss (set val.every > 0)")
+        return "val", ("the held-out validation ε-MSE decided: fixed images, noise and timesteps make it exact "
+                       "and comparable across objectives, where FID from a few thousand samples of briefly "
+                       "trained models mostly measures sampling noise")
+    return "fid", "FID decided (the runs logged no validation loss)" if not have_val else "FID decided (verdict=fid)"
+
+
+def verdict_lines(name: str, baseline: str, stats: dict, label: str) -> str:
+    n, lower = stats["n"], stats["lower"]
+    if n == 0:
+        return f"- **{name}** vs {baseline}: no {label} to compare."
+    summary = (f"{label} difference {stats['mean']:+.5g}" + (f" ± {stats['std']:.2g} (paired t = {stats['t']:.2f})"
+                                                                   if n > 1 else "")
+               + f"; lower than {baseline} in {lower} of {n} seed(s)")
+    if n < 2:
+        word = "one seed: no spread is known"
+    elif lower == n:
+        word = f"{name} is better in every seed"
+    elif lower == 0:
+        word = f"{name} is worse in every seed"
+    else:
+        word = "no consistent difference: the seeds disagree"
+    return f"- **{name}** vs {baseline}: {summary}. {word}."
+
+
+def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str, dict[int, dict]]) -> Path:
+    """report.md (tables, paired differences, verdict), report.json and report.png (curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(cfg.out_dir)
-    lines = [
-        f"# U-ViT vs U-ViC: `compare={cfg.compare.name}`", "",
-        "| model | seed | final FID | final loss | train images/s | parameters | run |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for model, runs in results.items():
+    out, baseline = Path(cfg.out_dir), next(iter(results))
+    metric, why = decide(cfg, results)
+    key, label = METRICS[metric]
+    lines = [f"# Comparison `compare={cfg.compare.name}`: {', '.join(results)} (baseline {baseline})", "",
+             "| variant | train.py overrides |", "|---|---|"]
+    lines += [f"| {name} | `{' '.join(o)}` |" for name, o in specs.items()]
+    lines += ["", "| variant | seed | val ε-MSE | val loss (own objective) | final FID | final train loss | "
+              "train images/s | parameters | run |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
         for seed, r in runs.items():
-            lines.append(f"| {model} | {seed} | {r['final_fid']:.2f} | {r['final_loss']:.4f} | "
-                         f"{r['images_per_s']:.1f} | {r['parameters']:,} | `{r['run_dir']}` |")
-    lines += ["", "FID at each evaluated step (mean over seeds):", "",
-              "| step | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
-    steps = sorted({s for runs in results.values() for r in runs.values() for s, _ in r["fid"]})
-    for step in steps:
-        cells = []
-        for runs in results.values():
-            vals = [f for r in runs.values() for s, f in r["fid"] if s == step]
-            cells.append(f"{statistics.fmean(vals):.2f}" if vals else "–")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", f"**Verdict:** {verdict(results)}", "",
-              f"Reference: `{cfg.reference}`. Experiments: "
-              + ", ".join(f"{m} = `{e}`" for m, e in cfg.compare.experiments.items())
-              + f". Extra overrides: `{list(cfg.compare.overrides)}`.", ""]
+            lines.append(f"| {name} | {seed} | {r['final_val_eps_mse']:.5f} | {r['final_val_loss']:.5f} | "
+                         f"{r['final_fid']:.2f} | {r['final_loss']:.4f} | {r['images_per_s']:.1f} | "
+                         f"{r['parameters']:,} | `{r['run_dir']}` |")
+    lines += ["", f"Paired by seed against {baseline} (variant − baseline; lower is better):", "",
+              "| variant | metric | per-seed differences | mean | std | lower in |", "|---|---|---|---|---|---|"]
+    comparisons = {m: paired(results, METRICS[m][0], baseline) for m in METRICS}
+    for name in list(results)[1:]:
+        for m, (_, mlabel) in METRICS.items():
+            s = comparisons[m][name]
+            per_seed = ", ".join(f"{seed}: {d:+.4g}" for seed, d in s["diffs"].items()) or "–"
+            lines.append(f"| {name} | {mlabel} | {per_seed} | {s['mean']:+.4g} | {s['std']:.2g} | "
+                         f"{s['lower']}/{s['n']} |")
+    lines += ["", f"**Verdict** ({why}):", ""]
+    lines += [verdict_lines(name, baseline, comparisons[metric][name], label) for name in list(results)[1:]]
+    lines += ["", f"Reference: `{cfg.reference}`. Seeds: {list(cfg.seeds)}. Extra overrides: "
+              f"`{list(cfg.compare.overrides)}`.", ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(results, indent=1))
+    (out / "report.json").write_text(json.dumps({"baseline": baseline, "verdict_metric": metric, "variants": specs,
+                                                 "paired": comparisons, "runs": results}, indent=1))
 
-    fig, (ax_loss, ax_fid) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = dict(zip(results, ["tab:blue", "tab:red", "tab:green", "tab:purple"], strict=False))
-    for model, runs in results.items():
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    colours = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False))
+    for name, runs in results.items():
         for seed, r in runs.items():
-            style = dict(color=colours[model], alpha=0.9 if seed == min(runs) else 0.5, label=f"{model} seed {seed}")
-            ax_loss.plot(*zip(*r["loss"], strict=True), **style)
-            if r["fid"]:
-                ax_fid.plot(*zip(*r["fid"], strict=True), marker="o", **style)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="loss", yscale="log")
-    ax_fid.set(xlabel="step", ylabel="FID (EMA)", title="FID")
-    ax_loss.legend(fontsize=7)
-    ax_fid.legend(fontsize=7)
+            style = dict(color=colours[name], alpha=0.9 if seed == min(runs) else 0.45,
+                         label=f"{name} seed {seed}")
+            for ax, curve in zip(axes[[0, 1, 3]], ("loss", "val_eps_mse", "fid"), strict=True):
+                if r[curve]:
+                    ax.plot(*zip(*r[curve], strict=True), marker="o" if curve != "loss" else None, **style)
+            if r["final_val_eps_mse_t"]:
+                axes[2].plot(r["val_log_snr"], r["final_val_eps_mse_t"], marker=".", **style)
+    axes[0].set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
+    axes[1].set(xlabel="step", ylabel="validation ε-MSE", title="validation ε-MSE (held out)")
+    axes[2].set(xlabel="log SNR", ylabel="ε-MSE", title="final validation ε-MSE per timestep", yscale="log")
+    axes[3].set(xlabel="step", ylabel="FID (EMA)", title="FID")
+    for ax in axes:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=110)
     plt.close(fig)
@@ -111,18 +182,22 @@ def write_report(cfg: DictConfig, results: dict[str, dict[int, dict]]) -> Path:
 
 @hydra.main(config_path="conf", config_name="compare", version_base=None)
 def main(cfg: DictConfig) -> None:
-    if len(cfg.compare.experiments) != 2:
-        raise SystemExit("compare.py: compare.experiments must name exactly two experiments (e.g. uvit, uvic)")
+    specs = variants(cfg)
+    if len(specs) < 2:
+        raise SystemExit(f"compare.py: {len(specs)} variant(s) ({list(specs)}); give at least two, e.g. "
+                         "kinds=[softmax,cog]")
+    if cfg.verdict not in VERDICTS:
+        raise SystemExit(f"compare.py: verdict={cfg.verdict!r}: choose one of {VERDICTS}")
     if not Path(cfg.reference).exists():
         raise SystemExit(f"compare.py: reference={cfg.reference!r} does not exist; give FID statistics (.npz with "
                          "mu, sigma, e.g. from `python eval/evaluate.py`), an .npz of images or an image folder")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "compare.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    results: dict[str, dict[int, dict]] = {m: {} for m in cfg.compare.experiments}
-    for seed in cfg.seeds:  # seeds outermost: an interrupted comparison has both models for the first seeds
-        for model, experiment in cfg.compare.experiments.items():
-            results[model][int(seed)] = run_summary(train_run(cfg, model, experiment, int(seed)))
-    print(write_report(cfg, results).read_text())
+    results: dict[str, dict[int, dict]] = {name: {} for name in specs}
+    for seed in cfg.seeds:  # seeds outermost: an interrupted comparison has every variant for the first seeds
+        for name, overrides in specs.items():
+            results[name][int(seed)] = run_summary(train_run(cfg, name, overrides, int(seed)))
+    print(write_report(cfg, specs, results).read_text())
 
 
 if __name__ == "__main__":

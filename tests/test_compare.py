@@ -1,14 +1,15 @@
-"""compare.py on the micro preset: both models trained, FID at checkpoints, one table and one plot."""
+"""compare.py: the micro preset end to end (both variants trained, FID and validation loss, paired by seed, one
+table and one plot), variant construction and the paired statistics."""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import ROOT, load_entry_point
+from hydra import compose, initialize_config_dir
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_micro_comparison_writes_table_and_plot(tmp_path):
@@ -20,14 +21,20 @@ def test_micro_comparison_writes_table_and_plot(tmp_path):
         check=True, cwd=ROOT, capture_output=True,
     )
     report = (out / "report.md").read_text()
-    assert "| uvit | 0 |" in report and "| uvic | 0 |" in report and "**Verdict:**" in report
+    assert "| softmax | 0 |" in report and "| cog | 0 |" in report and "**Verdict** (the held-out validation" in report
+    assert "**cog** vs softmax: validation ε-MSE difference" in report
     results = json.loads((out / "report.json").read_text())
-    for model in ("uvit", "uvic"):
-        run = results[model]["0"]
+    runs = results["runs"]
+    for model in ("softmax", "cog"):
+        run = runs[model]["0"]
         assert [s for s, _ in run["fid"]] == [2, 4] and all(np.isfinite(f) for _, f in run["fid"])
+        assert [s for s, _ in run["val_eps_mse"]] == [2, 4] and len(run["final_val_eps_mse_t"]) == 3
         assert run["parameters"] > 0 and run["images_per_s"] > 0
-    # Same config apart from the attention: the same parameter count.
-    assert results["uvit"]["0"]["parameters"] == results["uvic"]["0"]["parameters"]
+    # Same config apart from the attention: the same parameter count and, seed for seed, the same initial
+    # weights and data, so the paired difference is the reported one.
+    assert runs["softmax"]["0"]["parameters"] == runs["cog"]["0"]["parameters"]
+    diff = results["paired"]["val"]["cog"]["diffs"]["0"]
+    assert diff == runs["cog"]["0"]["final_val_eps_mse"] - runs["softmax"]["0"]["final_val_eps_mse"]
     with Image.open(out / "report.png") as im:
         assert im.format == "PNG"
     # A second invocation keeps the finished runs instead of training again.
@@ -36,3 +43,29 @@ def test_micro_comparison_writes_table_and_plot(tmp_path):
         check=True, cwd=ROOT, capture_output=True, text=True,
     )
     assert again.stdout.count("is finished; keeping it") == 2
+
+
+def compare_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("compare", overrides=["reference=x", *overrides])
+
+
+def test_kinds_and_objectives_make_every_combination_with_the_first_as_baseline():
+    compare = load_entry_point("compare")
+    assert compare.variants(compare_config()) == {"softmax": ["model.attention_type=softmax"],
+                                                  "cog": ["model.attention_type=cog"]}
+    specs = compare.variants(compare_config("kinds=[softmax,cog,sigmoid]", "objectives=[ddpm,flow_matching]"))
+    assert list(specs)[:3] == ["softmax+ddpm", "softmax+flow_matching", "cog+ddpm"] and len(specs) == 6
+    assert specs["cog+flow_matching"] == ["model.attention_type=cog", "diffusion.objective=flow_matching",
+                                          "sample.scheduler=flow_euler", "fid.scheduler=flow_euler"]
+    assert compare.variants(compare_config("compare=gpu"))["cog"] == ["experiment=cifar10_uvic_s2"]
+
+
+def test_paired_differences_are_per_seed():
+    compare = load_entry_point("compare")
+    runs = {"softmax": {0: {"v": 1.0}, 1: {"v": 2.0}, 2: {"v": 3.0}},
+            "cog": {0: {"v": 0.9}, 1: {"v": 1.8}, 2: {"v": 3.1}}}
+    stats = compare.paired(runs, "v", "softmax")["cog"]
+    assert stats["diffs"] == pytest.approx({0: -0.1, 1: -0.2, 2: 0.1}) and (stats["lower"], stats["n"]) == (2, 3)
+    assert stats["mean"] == pytest.approx(-0.2 / 3)
+    assert "no consistent difference" in compare.verdict_lines("cog", "softmax", stats, "v")

@@ -224,7 +224,8 @@ class RunLock:
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict:
-    """Loss, FID and validation curves, training speed and parameter count of a finished run, for reports."""
+    """Loss, FID and validation curves (and the last per-timestep validation ε-MSE), training speed and
+    parameter count of a finished run, for reports; a value the run never logged is NaN (a curve: empty)."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     weights = sorted((resolve_pipeline_dir(run_dir) / "transformer").glob("*.safetensors"))
@@ -232,13 +233,23 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
     for file in weights:
         with safe_open(file, "pt") as f:
             parameters += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    curves = {key: [(r["step"], r[key]) for r in records if key in r] for key in ("loss", "fid", "val_loss")}
+    curves = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None]
+              for key in ("loss", "fid", "val_loss", "val_eps_mse")}
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
+    last_val = next((r for r in reversed(records) if "val_eps_mse_t" in r), {})
+
+    def final(key: str) -> float:
+        return curves[key][-1][1] if curves[key] else float("nan")
+
     return dict(
         run_dir=str(run_dir),
         **curves,
         final_loss=statistics.fmean(v for _, v in curves["loss"][-5:]) if curves["loss"] else float("nan"),
-        final_fid=curves["fid"][-1][1] if curves["fid"] else float("nan"),
+        final_fid=final("fid"),
+        final_val_loss=final("val_loss"),
+        final_val_eps_mse=final("val_eps_mse"),
+        final_val_eps_mse_t=last_val.get("val_eps_mse_t", []),
+        val_log_snr=last_val.get("val_log_snr", []),
         images_per_s=statistics.median(speeds) if speeds else float("nan"),
         parameters=parameters,
     )
