@@ -247,6 +247,32 @@ def _validate_same_model(cfg: DictConfig) -> None:
                          "run_dir, or restore the model settings to resume it")
 
 
+def keep_saved_data_split(cfg: DictConfig) -> None:
+    """A resumed run keeps the training set it started with (`data.val_split`, `data.holdout`).
+
+    A run started before held-out splits existed trained on every item: it resumes with `data.holdout=0` (noted
+    in the log), and cannot then validate on a holdout. Changing the split of a started run is refused.
+    """
+    saved = read_config(cfg.run_dir)
+    if saved is None or cfg.resume == "never" or "data" not in saved:
+        return
+    old, new = saved["data"], cfg.data
+    if "holdout" not in old:
+        if new.get("val_split") == "holdout" and new.get("holdout"):
+            print(f"run_dir={cfg.run_dir} was started before held-out splits, on all of its data: resuming with "
+                  "data.holdout=0")
+            OmegaConf.update(cfg, "data.holdout", 0, force_add=True)
+            if validation_runs(cfg):
+                raise ValueError(f"run_dir={cfg.run_dir} trained on all of data={new.kind}, so none is held out for "
+                                 "the validation loss: resume it with val.every=0, or start another run_dir")
+        return
+    for field in ("val_split", "holdout"):
+        if old.get(field) != new.get(field):
+            raise ValueError(f"run_dir={cfg.run_dir} was started with data.{field}={old.get(field)}; resuming with "
+                             f"{new.get(field)} would change its training set: set data.{field}={old.get(field)} "
+                             "or another run_dir")
+
+
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """Create `run_dir` and prove it writable, or raise a ValueError that says to pick another."""
     path = Path(run_dir)
@@ -276,6 +302,7 @@ def tracker_config(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> Path:
     """Train from a composed config and return the run directory."""
+    keep_saved_data_split(cfg)
     validate_config(cfg, PartialState(cpu=cfg.train.cpu).num_processes)
     run_dir = Path(cfg.run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,

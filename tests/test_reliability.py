@@ -42,10 +42,12 @@ from uvit_cog.checkpoints import (
 from uvit_cog.rundir import LOCK_FILE, read_metrics
 
 OLD_RUN = ROOT / "tests" / "fixtures" / "old_format_run"
-# The settings the old-format fixture was trained with (see tests/fixtures/README.md).
+# The settings the old-format fixture was trained with (see tests/fixtures/README.md); made before held-out splits,
+# it trained on all 1,797 digits (data.holdout=0).
 OLD_RUN_SETTINGS = ["data=digits", "data.resolution=8", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
                     "model.patch_size=2", "train.batch_size=8", "optim.warmup_steps=2", "log.every=1",
-                    "log.sample_every=0", "log.checkpoint_every=2", "sample.grid_size=2", "sample.steps=2"]
+                    "log.sample_every=0", "log.checkpoint_every=2", "sample.grid_size=2", "sample.steps=2",
+                    "data.holdout=0"]
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,20 @@ def test_val_config_errors_stop_before_training(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train_script.train(train_config(*overrides, *TINY, f"run_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_keeps_its_training_set(tmp_path):
+    """A run started before held-out splits keeps training on all its data; a started run's split cannot change."""
+    run_dir = tmp_path / "run"
+    digits = ["data.resolution=8", *TINY, "train.steps=2", f"run_dir={run_dir}"]
+    train_script.train(train_config(*digits))
+    config = run_dir / "config.yaml"
+    assert "holdout: 256" in config.read_text()
+    with pytest.raises(ValueError, match=r"started with data.holdout=256; resuming with 100 would change its training"):
+        train_script.train(train_config(*digits, "data.holdout=100", "train.steps=4"))
+    config.write_text(config.read_text().replace("  holdout: 256\n", "").replace("  val_split: holdout\n", ""))
+    with pytest.raises(ValueError, match=r"trained on all of data=digits, so none is held out .* val.every=0"):
+        train_script.train(train_config(*digits, "train.steps=4", "val.every=2"))
+    train_script.train(train_config(*digits, "train.steps=4"))  # before held-out splits: resumes on all 1,797
+    assert "holdout: 0" in config.read_text()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
