@@ -152,16 +152,16 @@ def _softmax_grad(dp: Tensor, w: Tensor, aux: None, delta: Tensor) -> Tensor:
 def _softmax1(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, Tensor]:
     """w = p·r with p = softmax(s) (ATen's fused pass) and r = Σeˢ/(e^c + Σeˢ) = 1/(1 + e^{c−m}·p_max).
 
-    Σeˢ = e^m/p_max at the row's argmax, where p_max >= 1/M, so r needs no further pass over the row;
+    Σe^{s−m} = 1/p_max with m the row max, so r needs two cheap passes (the maxima of s and p);
     aux = the sink's weight 1 − r per row. A row with no kept key has p = 0 and gives w = 0.
     """
     if drop is not None:
         s.masked_fill_(drop, float("-inf"))
-    m, arg = s.max(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True)
     p = torch.ops.aten._softmax.out(s, -1, False, out=bufs[0])
     _zero_empty_rows(p, drop)
     m = torch.where(torch.isfinite(m), m, 0.0)
-    r = torch.exp(params["sink"] - m).mul_(p.gather(-1, arg)).add_(1.0).reciprocal_()
+    r = torch.exp(params["sink"] - m).mul_(p.amax(dim=-1, keepdim=True)).add_(1.0).reciprocal_()
     return p.mul_(r), r.neg_().add_(1.0)
 
 
@@ -177,21 +177,28 @@ def _sigmoid_grad(dp: Tensor, w: Tensor, aux: None, delta: Tensor) -> Tensor:
 
 
 def _softpick(s: Tensor, drop: Tensor | None, bufs: list, params: dict) -> tuple[Tensor, tuple]:
-    """u' = e^{s−m} − e^{−m} (= e^{−m}(eˢ − 1)), w = ReLU(u')/Z'; aux = (e^{s−m}, u', Z')."""
+    """w = ReLU(u)/Z with u = p − e^{−m}·p_max, p = softmax(s), m = max s, Z = Σ|u| + ε e^{−m} p_max.
+
+    eˢ − 1 = e^m (Σe^{s−m}) u and Σe^{s−m} = 1/p_max, so this is softpick's ratio exactly, from ATen's fused
+    softmax. A row with m <= 0 has eˢ − 1 <= 0 everywhere, so w = 0: there e^{−m} is replaced by 1 (u <= 0
+    all the same, and no overflow). aux = (p, u, Z) for the gradient, in which p/Z = eˢ/(Σ|eˢ − 1| + ε).
+    """
     if drop is not None:
         s.masked_fill_(drop, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).clamp_min_(0.0)
-    g = torch.sub(s, m, out=bufs[0]).exp_()
-    floor = m.neg_().exp_()  # e^{−m} <= 1
-    u = torch.sub(g, floor, out=s)
+    m = s.amax(dim=-1, keepdim=True).clamp_min_(0.0)  # -inf (no kept key) becomes 0
+    p = torch.ops.aten._softmax.out(s, -1, False, out=bufs[0])
+    _zero_empty_rows(p, drop)
+    floor = m.neg_().exp_().mul_(p.amax(dim=-1, keepdim=True))  # e^{−m}·p_max
+    u = torch.sub(p, floor, out=s)
     if drop is not None:
         u.masked_fill_(drop, 0.0)
-    z = torch.linalg.vector_norm(u, 1, dim=-1, keepdim=True).add_(floor, alpha=params["eps"])
-    return torch.clamp_min(u, 0.0, out=bufs[1]).div_(z), (g, u, z)
+    z = torch.abs(u, out=bufs[1]).sum(dim=-1, keepdim=True).add_(floor, alpha=params["eps"])
+    z.clamp_min_(torch.finfo(z.dtype).tiny)  # a row with no kept key: 0 / tiny = 0
+    return torch.clamp_min(u, 0.0, out=bufs[1]).div_(z), (p, u, z)
 
 
 def _softpick_grad(dp: Tensor, w: Tensor, aux: tuple, delta: Tensor) -> Tensor:
-    """dS = (e^{s−m}/Z')∘([u > 0]∘dP − sign(u)∘Δ), in place in dP, w and u (masked keys have e^{s−m} = 0)."""
+    """dS = (p/Z)∘([u > 0]∘dP − sign(u)∘Δ), in place in dP, w and u (masked keys have p = 0)."""
     g, u, z = aux
     sign = torch.sign(u, out=w)
     return dp.mul_(u.gt_(0.0)).addcmul_(sign, delta, value=-1.0).mul_(g).div_(z)
