@@ -3,9 +3,13 @@
     python bench/attention.py                 # CPU float32 (and GPU bfloat16 when CUDA is available)
     python bench/attention.py --block-sweep   # also time the CPU path for several block sizes
     python bench/attention.py --kinds-only    # only the table of every fused kind
+    python bench/attention.py --threads 1 --clock process   # CPU time of one thread: steady on a loaded machine
 
 The kinds table times every row map of the fused kernels (cog, softmax, softmax1, softpick, sigmoid)
 through the blocked CPU path (the Triton kernels on a GPU) against SDPA, interleaved in one round.
+On a machine that other jobs load, wall times of the fused CPU path (hundreds of short multi-threaded
+ATen calls, each ending in a barrier that waits for a descheduled thread) inflate far more than SDPA's;
+`--threads 1 --clock process` measures the CPU time of one thread instead, which such load hardly moves.
 
 CPU rows: SDPA softmax, the naive Cog (`impl="reference"`: sign(s)·softmax(|s|) with plain autograd),
 the lean autograd Function (`impl="torch"`) and the fused CPU path (`impl="cpu"`). Each time is the
@@ -68,20 +72,27 @@ def forward_backward(fn: Fn, qkv: list[torch.Tensor], grad: torch.Tensor) -> Non
     fn(*qkv).backward(grad)
 
 
-def median_times(impls: dict[str, Fn], shape, dtype, device, reps: int) -> dict[str, float]:
-    """Median seconds of forward+backward per implementation, repetitions interleaved across them."""
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def median_times(impls: dict[str, Fn], shape, dtype, device, reps: int, clock: str = "wall") -> dict[str, float]:
+    """Median seconds of forward+backward per implementation, repetitions interleaved across them.
+
+    `clock`: "wall", or "process" (this process's CPU time; CPU only).
+    """
     qkv, grad = make_inputs(shape, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    clock_fn = CLOCKS[clock]
     times: dict[str, list[float]] = {name: [] for name in impls}
     for fn in impls.values():  # warm-up: kernels, autotuning, allocator
         forward_backward(fn, qkv, grad)
     for _ in range(reps):
         for name, fn in impls.items():
             sync()
-            start = time.perf_counter()
+            start = clock_fn()
             forward_backward(fn, qkv, grad)
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock_fn() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -114,15 +125,16 @@ def memory_child(name: str, shape) -> None:
     print(_status_bytes("VmHWM") - base)
 
 
-def bench_cpu(reps: int) -> None:
-    print(f"## CPU float32, forward+backward, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+def bench_cpu(reps: int, clock: str) -> None:
+    print(f"## CPU float32, forward+backward, {torch.get_num_threads()} threads, {clock} clock, "
+          f"load {os.getloadavg()[0]:.1f}")
     for shape in CPU_SHAPES:
         n_reps = reps if shape[2] <= 257 else max(2, reps // 2)
         # Two rounds: the O(N²)-memory implementations free GiB-sized tensors after every call, which slowed
         # whatever ran next (the fused path by up to 40% at N = 4096) when all four were interleaved.
         times = {}
         for group in (LINEAR_MEMORY, [name for name in CPU_IMPLS if name not in LINEAR_MEMORY]):
-            times |= median_times({name: CPU_IMPLS[name] for name in group}, shape, torch.float32, "cpu", n_reps)
+            times |= median_times({name: CPU_IMPLS[name] for name in group}, shape, torch.float32, "cpu", n_reps, clock)
         peaks = {name: cpu_peak_growth(name, shape) for name in CPU_IMPLS}
         base_t, base_m = times["sdpa softmax"], peaks["sdpa softmax"]
         print(f"\nB,H,N,D = {shape}")
@@ -132,13 +144,13 @@ def bench_cpu(reps: int) -> None:
             print(f"{name:24s} {t * 1e3:9.1f} {t / base_t:7.2f} {m / 2**20:9.1f} {m / max(base_m, 1):7.2f}")
 
 
-def bench_cpu_kinds(reps: int) -> None:
+def bench_cpu_kinds(reps: int, clock: str) -> None:
     print(f"\n## CPU float32, every fused kind (blocked CPU path) against SDPA, forward+backward, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} threads, {clock} clock, load {os.getloadavg()[0]:.1f}")
     print(f"{'B,H,N,D':20s} {'kind':10s} {'time ms':>9s} {'x SDPA':>7s} {'peak MiB':>9s} {'x SDPA':>7s}")
     for shape in CPU_SHAPES:
         n_reps = reps if shape[2] <= 257 else max(2, reps // 2)
-        times = median_times(KIND_IMPLS, shape, torch.float32, "cpu", n_reps)
+        times = median_times(KIND_IMPLS, shape, torch.float32, "cpu", n_reps, clock)
         peaks = {name: cpu_peak_growth(name, shape) for name in KIND_IMPLS}
         base_t, base_m = times["sdpa softmax"], peaks["sdpa softmax"]
         for name in KIND_IMPLS:
@@ -229,15 +241,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
     parser.add_argument("--block-sweep", action="store_true", help="also sweep the CPU path's block size")
     parser.add_argument("--kinds-only", action="store_true", help="only the table of every fused kind")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="CPU timings: wall time, or the process's CPU time (use with --threads 1)")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child[0], tuple(json.loads(args.memory_child[1])))
         return
     torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not args.kinds_only:
-        bench_cpu(args.reps)
-    bench_cpu_kinds(args.reps)
+        bench_cpu(args.reps, args.clock)
+    bench_cpu_kinds(args.reps, args.clock)
     if args.block_sweep:
         bench_block_sweep(args.reps)
     if torch.cuda.is_available():
