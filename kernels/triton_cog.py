@@ -32,14 +32,19 @@ is padded to a power of two with masked loads. A boolean key mask removes keys f
 normalisers (for cog after the absolute value); rows with no kept key give zeros (cog and softmax:
 L = +inf makes their p vanish in backward; softmax1 and softpick: l stays at the sink or ε alone).
 
-On a CUDA device the block sizes are autotuned; under `TRITON_INTERPRET=1` (CPU tensors, for tests)
-one fixed configuration is used because autotuning needs a GPU.
+On a CUDA device the block sizes are autotuned, except where `tuned_blocks.json` beside this file (written
+by `python bench/gpu.py` on a GPU of the same compute capability) names the fastest config of a kernel's
+bucket (kind, dtype, head dim padded to BLOCK_D): then that config launches, with no autotuning. Under
+`TRITON_INTERPRET=1` (CPU tensors, for tests) one fixed configuration is used because autotuning needs a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 import triton
@@ -282,7 +287,69 @@ def _launcher(kernel, pairs: list[tuple[int, int]]):
 _Q_PAIRS = [(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)]  # (BLOCK_M, BLOCK_N), query-major kernels
 _FWD, _FWD_BLOCKS = _launcher(_cog_fwd, _Q_PAIRS)
 _DQ, _DQ_BLOCKS = _launcher(_cog_bwd_dq, _Q_PAIRS)
-_DKDV, _DKDV_BLOCKS = _launcher(_cog_bwd_dkdv, [(32, 32), (32, 64), (64, 64), (32, 128), (64, 128)])
+_KV_PAIRS = [(32, 32), (32, 64), (64, 64), (32, 128), (64, 128)]  # (BLOCK_M, BLOCK_N), the key-major kernel
+_DKDV, _DKDV_BLOCKS = _launcher(_cog_bwd_dkdv, _KV_PAIRS)
+
+# Tuned block sizes (module docstring): name -> (plain kernel, autotuned pairs, default launcher, its blocks).
+TUNED_BLOCKS_FILE = Path(__file__).with_name("tuned_blocks.json")
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_KERNELS = {
+    "fwd": (_cog_fwd, _Q_PAIRS, _FWD, _FWD_BLOCKS),
+    "dq": (_cog_bwd_dq, _Q_PAIRS, _DQ, _DQ_BLOCKS),
+    "dkdv": (_cog_bwd_dkdv, _KV_PAIRS, _DKDV, _DKDV_BLOCKS),
+}
+_tuned: dict[str, dict[str, int]] = {}
+_tuned_capability: tuple[int, int] | None = None
+
+
+def tuned_key(kernel: str, kind: str, dtype: torch.dtype, head_dim: int) -> str:
+    """The tuning file's key of a kernel ("fwd", "dq", "dkdv") for a kind, dtype and head dim (as its bucket,
+    BLOCK_D), e.g. "fwd/cog/bfloat16/128" for D = 72."""
+    return f"{kernel}/{kind}/{str(dtype).removeprefix('torch.')}/{_meta(dtype, head_dim, False, kind)['BLOCK_D']}"
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype) -> list[dict[str, int]]:
+    """The configs that autotuning tries for a kernel and dtype (those that fit), as `CONFIG_FIELDS` dicts."""
+    configs = _prune(_configs(_KERNELS[kernel][1]), {}, PRECISION=_meta(dtype, 16, False, "cog")["PRECISION"])
+    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+
+
+def read_tuned_blocks(path: Path = TUNED_BLOCKS_FILE) -> tuple[dict[str, dict[str, int]], tuple[int, int] | None]:
+    """(configs by `tuned_key`, the compute capability they were tuned on) of a tuning file; ({}, None) without one."""
+    if not path.exists():
+        return {}, None
+    try:
+        data = json.loads(path.read_text())
+        configs = {str(key): {f: int(c[f]) for f in CONFIG_FIELDS} for key, c in data["configs"].items()}
+        capability = tuple(int(x) for x in data["capability"]) if data.get("capability") else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a tuning file of bench/gpu.py ({e!r}): rerun `python bench/gpu.py` "
+                         "on a GPU to rewrite it, or delete it to autotune") from e
+    return configs, capability
+
+
+def use_tuned_blocks(configs: dict[str, dict[str, int]], capability: tuple[int, int] | None = None) -> None:
+    """Launch `configs` (by `tuned_key`) from now on where the GPU has `capability` (None: any); {}: autotune again."""
+    global _tuned, _tuned_capability
+    _tuned, _tuned_capability = dict(configs), capability
+
+
+@functools.lru_cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _launch(name: str, q: Tensor, kind: str) -> tuple:
+    """The kernel to launch and its block arguments: the tuned config of this bucket, else autotuning's (or FIXED)."""
+    kernel, _, default, blocks = _KERNELS[name]
+    config = _tuned.get(tuned_key(name, kind, q.dtype, q.shape[-1]))
+    if config is None or (_tuned_capability is not None and _capability(q.device) != _tuned_capability):
+        return default, blocks
+    return kernel, config
+
+
+if AUTOTUNE:
+    use_tuned_blocks(*read_tuned_blocks())
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -335,11 +402,12 @@ class AttentionTriton(torch.autograd.Function):
         def grid(kw):
             return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
 
+        fwd, blocks = _launch("fwd", q, kind)
         with _on_device(q):
-            _FWD[grid](
+            fwd[grid](
                 q, k, v, mask[0], sink2, out, lse, scale * LOG2E, bias * LOG2E, eps,
                 *_strides(q), *_strides(k), *_strides(v), *mask[1:], *_strides(out),
-                H, N, M, D, **meta, **_FWD_BLOCKS,
+                H, N, M, D, **meta, **blocks,
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, sink2)
         ctx.scale, ctx.kind, ctx.bias = scale, kind, bias
@@ -367,14 +435,15 @@ class AttentionTriton(torch.autograd.Function):
             return (triton.cdiv(N, kw["BLOCK_M"]), B * H)
 
         qk_scale, bias2 = scale * LOG2E, ctx.bias * LOG2E
+        (dkdv, kv_blocks), (dq_kernel, q_blocks) = _launch("dkdv", q, ctx.kind), _launch("dq", q, ctx.kind)
         with _on_device(q):
-            _DKDV[grid_kv](
+            dkdv[grid_kv](
                 q, k, v, do, mask[0], lse, delta, dk, dv, qk_scale, scale, bias2,
-                *common, *_strides(dk), *_strides(dv), H, N, M, D, **meta, **_DKDV_BLOCKS,
+                *common, *_strides(dk), *_strides(dv), H, N, M, D, **meta, **kv_blocks,
             )  # fmt: skip
-            _DQ[grid_q](
+            dq_kernel[grid_q](
                 q, k, v, do, mask[0], lse, delta, dq, qk_scale, scale, bias2,
-                *common, *_strides(dq), H, N, M, D, **meta, **_DQ_BLOCKS,
+                *common, *_strides(dq), H, N, M, D, **meta, **q_blocks,
             )  # fmt: skip
         dsink = None
         if ctx.kind == "softmax1" and ctx.needs_input_grad[8]:  # the sink key's weight 2^{c − L}, times −Δ
