@@ -39,14 +39,16 @@ METRICS = {"val": ("final_val_eps_mse", "validation ε-MSE"), "fid": ("final_fid
 
 def variants(cfg: DictConfig) -> dict[str, list[str]]:
     """Variant name → train.py overrides. `kinds=`/`objectives=` (either or both: their product) replace the
-    preset's `compare.variants`; a variant given as a string names an experiment, a list adds overrides to the
-    preset's base `compare.experiment`."""
+    preset's `compare.variants`, each objective sampled with the preset's `compare.schedulers` entry (default:
+    `uvit_cog.schedule.DEFAULT_SCHEDULERS`); a variant given as a string names an experiment, a list adds
+    overrides to the preset's base `compare.experiment`."""
     axes = []
     if cfg.kinds:
         axes.append([(k, [f"model.attention_type={k}"]) for k in cfg.kinds])
     if cfg.objectives:
-        axes.append([(o, [f"diffusion.objective={o}", f"sample.scheduler={DEFAULT_SCHEDULERS[o]}",
-                          f"fid.scheduler={DEFAULT_SCHEDULERS[o]}"]) for o in cfg.objectives])
+        samplers = {**DEFAULT_SCHEDULERS, **cfg.compare.get("schedulers", {})}  # a sampler of each objective's family
+        axes.append([(o, [f"diffusion.objective={o}", f"sample.scheduler={samplers[o]}",
+                          f"fid.scheduler={samplers[o]}"]) for o in cfg.objectives])
     if axes:
         return {"+".join(name for name, _ in combo): [o for _, overrides in combo for o in overrides]
                 for combo in itertools.product(*axes)}
