@@ -715,7 +715,7 @@ def run_section(name: str, fn: Callable[[float], dict], clock: Clock, plan: Plan
     budget = plan.budgets_s[name]
     if name not in sections:
         return {"status": "not run", "note": "not in --sections"}
-    if clock.elapsed() >= plan.time_limit_s:
+    if clock.elapsed() >= clock.limit_s:
         return {"status": "skipped", "note": "time limit of the run reached before it"}
     print(f"[{clock.elapsed():6.1f} s] {name} (budget {budget:.0f} s)", flush=True)
     start = time.monotonic()
