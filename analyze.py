@@ -28,6 +28,7 @@ from uvit_cog.analysis import (
 )
 from uvit_cog.data import ArrayDataset
 from uvit_cog.images import load_npz_arrays
+from uvit_cog.model import UViTModel
 from uvit_cog.pipeline import load_pipeline
 
 
@@ -74,6 +75,10 @@ def main(cfg: DictConfig) -> None:
     for name, path in models.items():
         pipe = load_pipeline(path)
         model = pipe.transformer.float()
+        if not isinstance(model, UViTModel):
+            raise SystemExit(f"analyze.py: model {name} ({path}) is a {type(model).__name__}; attention weights are "
+                             "read from this toolkit's own attention layers, which only UViTModel has (diffusers' "
+                             "attention processors, DiT's included, compute attention without exposing its weights)")
         data = ArrayDataset(images[: cfg.num_images], None if labels is None else labels[: cfg.num_images],
                             model.config.sample_size)
         if data.channels != model.config.in_channels:

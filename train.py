@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from uvit_cog import UViTModel, UViTPipeline
+from uvit_cog import UViTPipeline
+from uvit_cog.backbones import backbone_arguments, build_backbone
 from uvit_cog.checkpoints import (
     TRAIN_STATE,
     CheckpointError,
@@ -53,7 +54,6 @@ from uvit_cog.data import (
     read_latent_meta,
     sample_latents,
 )
-from uvit_cog.model import PRESETS
 from uvit_cog.rundir import MetricsLog, RunInUseError, RunLock, atomic_write, read_config, write_config
 from uvit_cog.sampling import sample_and_evaluate, sample_grid
 from uvit_cog.schedule import Objective, check_scheduler, default_scheduler, make_objective, scheduler_config
@@ -84,17 +84,21 @@ TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 # The config, checked before any work
 
 
-def model_kwargs(cfg: DictConfig) -> dict:
-    """The `UViTModel` arguments of the `model` group: its preset's sizes (model.PRESETS, the one place they
-    live) under the fields the config sets; a field left null takes the preset's value."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if v is not None}
-    preset = kwargs.pop("preset", None)
-    return {**PRESETS[preset], **kwargs} if preset else kwargs
+def model_kwargs(model: DictConfig | dict) -> tuple[str, dict]:
+    """The backbone (`model.backbone`: uvit, the default, or dit) and its builder's arguments for a `model` group:
+    its preset's sizes (model.PRESETS, dit.DIT_PRESETS: the one place they live) under the fields the config sets;
+    a field left null takes the preset's value (`uvit_cog.backbones.backbone_arguments`)."""
+    fields = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    try:
+        return backbone_arguments(fields)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from e
 
 
-def build_model(cfg: DictConfig) -> UViTModel:
+def build_model(cfg: DictConfig) -> torch.nn.Module:
     """The model the config describes, freshly initialised."""
-    return UViTModel(**model_kwargs(cfg))
+    name, kwargs = model_kwargs(cfg.model)
+    return build_backbone(name, **kwargs)
 
 
 def validate_config(cfg: DictConfig, num_processes: int) -> None:
@@ -204,8 +208,11 @@ def _validate_data(cfg: DictConfig) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     m, d = cfg.model, cfg.data
-    if m.preset is not None and m.preset not in PRESETS:
-        raise ValueError(f"model.preset={m.preset!r}: choose one of {sorted(PRESETS)} or null (sizes given)")
+    backbone, kwargs = model_kwargs(m)  # an unknown backbone or preset
+    if backbone == "dit" and kwargs.get("learn_sigma"):
+        raise ValueError("model.learn_sigma=true: DiT's learned variance is trained by its hybrid loss (L_simple + "
+                         "the variational bound), which this toolkit does not implement; its losses and samplers use "
+                         "fixed variances: set model.learn_sigma=false")
     for field, data_field in (("sample_size", "resolution"), ("in_channels", "channels")):
         if m[field] != d[data_field]:
             raise ValueError(
@@ -237,10 +244,8 @@ def _validate_same_model(cfg: DictConfig) -> None:
     saved = read_config(cfg.run_dir)
     if saved is None or cfg.resume == "never" or "model" not in saved:
         return
-    old = {k: v for k, v in saved["model"].items() if v is not None}
-    preset = old.pop("preset", None)
-    old = {**PRESETS.get(preset, {}), **old}
-    new = model_kwargs(cfg)
+    (old_backbone, old), (new_backbone, new) = model_kwargs(saved["model"]), model_kwargs(cfg.model)
+    old, new = {"backbone": old_backbone, **old}, {"backbone": new_backbone, **new}
     if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
         raise ValueError(f"run_dir={cfg.run_dir} holds a run of another model (saved, now: {diff}): set another "

@@ -239,7 +239,7 @@ def test_experiments_build(name):
     assert cfg.name == name
     with torch.device("meta"):
         model = train_script.build_model(cfg)
-    if cfg.model.preset:
+    if cfg.model.preset in PRESETS:  # U-ViT sizes; DiT's: tests/test_dit.py
         preset = PRESETS[cfg.model.preset]
         assert (model.config.embed_dim, model.config.depth, model.config.num_heads) == (
             preset["embed_dim"], preset["depth"], preset["num_heads"])

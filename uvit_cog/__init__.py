@@ -9,6 +9,7 @@ from .attention import (
     cog_attention_reference,
     cog_weights,
 )
+from .dit import DiTModel
 from .model import PRESETS, UViTModel, UViTModelOutput
 from .pipeline import UViTPipeline, load_pipeline
 from .processors import load_model, set_attention
@@ -16,6 +17,7 @@ from .processors import load_model, set_attention
 __all__ = [
     "ATTENTION_KINDS",
     "Attention",
+    "DiTModel",
     "PRESETS",
     "UViTModel",
     "UViTModelOutput",

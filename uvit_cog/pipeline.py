@@ -1,4 +1,5 @@
-"""`UViTPipeline`: class-conditional or unconditional sampling from a `UViTModel` with any diffusers scheduler.
+"""`UViTPipeline`: class-conditional or unconditional sampling from any backbone of this toolkit (`UViTModel`,
+`DiTModel`, diffusers' `DiTTransformer2DModel`: `uvit_cog.backbones`) with any diffusers scheduler.
 
 The pipeline adds nothing to the maths of the schedulers: it draws the initial noise
 (`init_noise_sigma`), scales the model input (`scale_model_input`), feeds the scheduler's own
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .model import UViTModel
+from . import backbones
 from .rundir import resolve_pipeline_dir
 from .schedule import SCHEDULER_FAMILIES, scheduler_family
 
@@ -60,7 +62,7 @@ def flatten_labels(class_labels: ClassLabels) -> list:
 class UViTPipeline(DiffusionPipeline):
     """Sampling pipeline for U-ViT / U-ViC.
 
-    Components: `transformer` (a `UViTModel`), `scheduler` (any diffusers scheduler, built on the
+    Components: `transformer` (a backbone of `uvit_cog.backbones`), `scheduler` (any diffusers scheduler, built on the
     model's noise schedule) and `vae` (an `AutoencoderKL` for latent models, else None). `objective`
     ("ddpm" or "flow_matching", saved in model_index.json) is the family of the model's schedulers; None
     takes that of `scheduler`.
@@ -76,7 +78,7 @@ class UViTPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
-        self, transformer: UViTModel, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+        self, transformer: ModelMixin, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
         objective: str | None = None,
     ) -> None:
         super().__init__()
@@ -102,12 +104,12 @@ class UViTPipeline(DiffusionPipeline):
     @property
     def num_classes(self) -> int:
         """Real classes of the model (0 = unconditional); label `num_classes` is the null label."""
-        return int(self.transformer.config.num_classes)
+        return backbones.num_classes(self.transformer.config)
 
     @property
     def labels(self) -> dict[str, int]:
         """Class name → id from the model's `id2label`; comma-separated synonyms each map to the id."""
-        id2label = self.transformer.config.id2label or {}
+        id2label = self.transformer.config.get("id2label") or {}
         return {
             name.strip(): int(idx) for idx, names in id2label.items() for name in names.split(",") if name.strip()
         }
@@ -266,12 +268,13 @@ class UViTPipeline(DiffusionPipeline):
 
         self._guidance_scale = guidance_scale
         self._do_classifier_free_guidance = do_cfg = guidance_scale != 1.0
+        null = self.num_classes  # the null label; backbones without a None default (diffusers' DiT) need it given
         if labels is None:
-            model_labels = None  # conditional model: null labels inside the model; unconditional: none
+            model_labels = None if null == 0 else torch.full((batch_size,), null, device=device)
         else:
             model_labels = torch.tensor(labels, device=device)
             if do_cfg:
-                model_labels = torch.cat([model_labels, torch.full_like(model_labels, cfg.num_classes)])
+                model_labels = torch.cat([model_labels, torch.full_like(model_labels, null)])
 
         self.check_scheduler()
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -290,6 +293,8 @@ class UViTPipeline(DiffusionPipeline):
             # for flow schedulers).
             timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
             pred = self.transformer(model_input, timesteps, class_labels=model_labels).sample
+            if pred.shape[1] == 2 * latents.shape[1]:  # DiT's learned variance: the schedulers' own variances apply
+                pred = pred[:, : latents.shape[1]]
             if do_cfg:
                 cond, uncond = pred.chunk(2)
                 pred = uncond + self._guidance_scale * (cond - uncond)

@@ -1,0 +1,76 @@
+"""The backbones this toolkit trains, by name: each a builder with explicit arguments and its published sizes.
+
+    name   builder                   presets                        sizes
+    uvit   UViTModel(**kwargs)       uvit_cog.model.PRESETS          U-ViT-S ... U-ViT-H (Bao et al. 2022)
+    dit    uvit_cog.dit.build_dit    uvit_cog.dit.DIT_PRESETS        DiT-S/2 ... DiT-XL/8 (Peebles & Xie 2023)
+
+train.py maps its `model` config group onto these (`backbone_arguments`, `build_backbone`); the pipeline and the
+training loop call every backbone the same way, `model(x, t, class_labels=labels).sample`, with labels in
+[0, num_classes] (`num_classes` the null label) or None (the null label; nothing for unconditional models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers.models.modeling_utils import ModelMixin
+
+from .dit import DIT_PRESETS, build_dit
+from .model import PRESETS, UViTModel
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A trainable backbone: its builder (explicit keyword arguments) and its named sizes."""
+
+    build: Callable[..., ModelMixin]
+    presets: Mapping[str, Mapping[str, Any]]
+
+
+BACKBONES: dict[str, Backbone] = {
+    "uvit": Backbone(build=UViTModel, presets=PRESETS),
+    "dit": Backbone(build=build_dit, presets=DIT_PRESETS),
+}
+DEFAULT_BACKBONE = "uvit"  # model configs without a `backbone` field (every U-ViT config, runs saved before DiT)
+
+
+def backbone_arguments(fields: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(backbone name, builder arguments) of a model description: its preset's sizes under the fields given.
+
+    `fields` holds `backbone` (default "uvit"), `preset` (a name of that backbone's presets, or None) and the
+    builder's arguments; a field that is None takes the preset's value (or the builder's default).
+    """
+    kwargs = {k: v for k, v in fields.items() if v is not None}
+    name = kwargs.pop("backbone", DEFAULT_BACKBONE)
+    if name not in BACKBONES:
+        raise ValueError(f"backbone={name!r}: choose one of {sorted(BACKBONES)}")
+    preset = kwargs.pop("preset", None)
+    presets = BACKBONES[name].presets
+    if preset is not None and preset not in presets:
+        raise ValueError(f"preset={preset!r} is no {name} size: choose one of {sorted(presets)} or null (sizes given)")
+    return name, {**presets.get(preset, {}), **kwargs}
+
+
+def build_backbone(name: str, **kwargs: Any) -> ModelMixin:
+    """A freshly initialised backbone `name` built from explicit arguments (see `backbone_arguments`)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone={name!r}: choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name].build(**kwargs)
+
+
+def num_classes(config: Mapping[str, Any]) -> int:
+    """Real classes of a backbone's config (0 = unconditional); label `num_classes` is the null label.
+
+    UViTModel stores `num_classes`; DiT (`DiTModel` and diffusers' own `DiTTransformer2DModel`) the size of its
+    label table without the null row, `num_embeds_ada_norm`, whose null label is that number too.
+    """
+    value = config.get("num_classes", config.get("num_embeds_ada_norm"))
+    if value is None:
+        raise ValueError("the model config has neither num_classes (UViTModel) nor num_embeds_ada_norm (DiT): "
+                         "not a backbone of this toolkit")
+    return int(value)
+
+
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "backbone_arguments", "build_backbone", "num_classes"]
