@@ -46,6 +46,7 @@ if "--dry-run" in sys.argv[1:]:  # chosen when triton is first imported, which i
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -232,15 +233,15 @@ class Workers:
         context = multiprocessing.get_context("spawn")
         self.executor = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) if jobs else None
 
-    def submit(self, fn: Callable, *args) -> Future:
-        if self.executor is not None:
-            return self.executor.submit(fn, *args)
-        future: Future = Future()
+    def submit(self, fn: Callable, *args) -> Future | None:
+        """fn(*args) in a worker; None without workers (jobs=0, or the pool broke)."""
+        if self.executor is None:
+            return None
         try:
-            future.set_result(fn(*args))
-        except Exception as e:  # reported through the future, as a process pool would
-            future.set_exception(e)
-        return future
+            return self.executor.submit(fn, *args)
+        except BrokenProcessPool:
+            self.close()
+            return None
 
     def run(self, fn: Callable, tasks: list[tuple], deadline: float) -> list:
         """fn(*task) for each task, or None for those not finished (inline: not started) by `deadline`.
@@ -252,7 +253,7 @@ class Workers:
                 self.close()
         return [fn(*task) if time.monotonic() < deadline else None for task in tasks]
 
-    def close(self, grace_s: float = 30.0) -> None:
+    def close(self, grace_s: float = 10.0) -> None:
         """Cancel what has not started; give running tasks `grace_s` seconds, then end their processes."""
         if self.executor is None:
             return
@@ -266,11 +267,14 @@ class Workers:
         self.executor = None
 
 
-def collect(futures: list[Future], deadline: float) -> list:
-    """The futures' results in order; None for each one not done by `deadline` (the pending ones are cancelled).
-    A task that raised gives {"error": ...}."""
+def collect(futures: list[Future | None], deadline: float) -> list:
+    """The futures' results in order; None for each one not done by `deadline` (the pending ones are cancelled)
+    or never submitted. A task that raised gives {"error": ...}."""
     results = []
     for future in futures:
+        if future is None:
+            results.append(None)
+            continue
         try:
             results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
         except FutureTimeout:
@@ -359,13 +363,8 @@ def _compile_task(kind: str, dtype: str, shape: tuple, device: str, name: str, m
 def tune_section(plan: Plan, workers: Workers, deadline: float, tuned_file: Path) -> dict:
     tc = _triton()
     buckets = [(kind, dtype, label, shape) for kind, dtype in plan.tune_buckets for label, shape in tune_shapes(plan)]
-    compiling: list[list[Future]] = []
-    for kind, dtype, _, shape in buckets:  # compile everything in parallel first, bucket by bucket
-        if workers.executor is None:
-            compiling.append([])
-        else:
-            compiling.append([workers.submit(_compile_task, kind, dtype, shape, plan.device, name, plan.max_candidates)
-                              for name in KERNEL_NAMES])
+    compiling = [[workers.submit(_compile_task, kind, dtype, shape, plan.device, name, plan.max_candidates)
+                  for name in KERNEL_NAMES] for kind, dtype, _, shape in buckets]  # all in parallel, in this order
     rows, skipped, configs = [], [], {}
     for (kind, dtype, label, shape), futures in zip(buckets, compiling, strict=True):
         what = f"{kind} {dtype} BLOCK_D={block_d(shape[-1])} at {label} {shape}"
@@ -385,7 +384,7 @@ def tune_section(plan: Plan, workers: Workers, deadline: float, tuned_file: Path
         for name in KERNEL_NAMES:
             if any("error" not in r for r in result["candidates"][name]):
                 configs[tc.tuned_key(name, kind, DTYPES[dtype], shape[-1])] = result["best"][name]
-    for future in (f for fs in compiling for f in fs):
+    for future in (f for fs in compiling for f in fs if f is not None):
         future.cancel()
     written = write_tuned_blocks(tuned_file, configs, plan)
     return {"status": "partial" if skipped else "ok", "tuned_file": str(tuned_file), "configs_written": written,
@@ -399,7 +398,10 @@ def device_info(device: str) -> dict:
 
 
 def write_tuned_blocks(path: Path, configs: dict[str, dict], plan: Plan) -> int:
-    """Write the tuning file the kernels read: these configs over those of an earlier file of the same GPU kind."""
+    """Write the tuning file the kernels read: these configs over those of an earlier file of the same GPU kind
+    (none tuned: the file stays as it was)."""
+    if not configs:
+        return 0
     tc = _triton()
     info = device_info(plan.device)
     merged = {}
@@ -854,9 +856,9 @@ def main() -> None:
                          "the CPU")
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     if args.jobs is not None:
-        plan = Plan(**{**plan.__dict__, "jobs": args.jobs})
+        plan = dataclasses.replace(plan, jobs=args.jobs)
     if args.time_limit is not None:
-        plan = Plan(**{**plan.__dict__, "time_limit_s": args.time_limit})
+        plan = dataclasses.replace(plan, time_limit_s=args.time_limit)
     tuned_file = args.tuned_file or (args.out / "tuned_blocks.json" if args.dry_run else _triton().TUNED_BLOCKS_FILE)
     clock = Clock(plan.time_limit_s)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -884,6 +886,8 @@ def main() -> None:
     report["failures"] = failures(report)
     write_text_atomic(args.out / "gpu_report.json", json.dumps(report, indent=1, default=str) + "\n")
     write_text_atomic(args.out / "gpu_report.md", markdown(report))
+    if tuned_file.exists() and tuned_file.resolve() != (args.out / "tuned_blocks.json").resolve():
+        write_text_atomic(args.out / "tuned_blocks.json", tuned_file.read_text())  # the report folder holds it all
     print(f"[{clock.elapsed():6.1f} s] wrote {args.out / 'gpu_report.json'} and {args.out / 'gpu_report.md'}; "
           f"{len(report['failures'])} failures")
     for line in report["failures"][:20]:
