@@ -147,7 +147,7 @@ def bench_cpu(reps: int, clock: str) -> None:
 def bench_cpu_kinds(reps: int, clock: str) -> None:
     print(f"\n## CPU float32, every fused kind (blocked CPU path) against SDPA, forward+backward, "
           f"{torch.get_num_threads()} threads, {clock} clock, load {os.getloadavg()[0]:.1f}")
-    print(f"{'B,H,N,D':20s} {'kind':10s} {'time ms':>9s} {'x SDPA':>7s} {'peak MiB':>9s} {'x SDPA':>7s}")
+    print(f"{'B,H,N,D':20s} {'kind':16s} {'time ms':>9s} {'x SDPA':>7s} {'peak MiB':>9s} {'x SDPA':>7s}")
     for shape in CPU_SHAPES:
         n_reps = reps if shape[2] <= 257 else max(2, reps // 2)
         times = median_times(KIND_IMPLS, shape, torch.float32, "cpu", n_reps, clock)
@@ -155,7 +155,7 @@ def bench_cpu_kinds(reps: int, clock: str) -> None:
         base_t, base_m = times["sdpa softmax"], peaks["sdpa softmax"]
         for name in KIND_IMPLS:
             t, m = times[name], peaks[name]
-            print(f"{str(shape):20s} {name:10s} {t * 1e3:9.1f} {t / base_t:7.2f} {m / 2**20:9.1f} "
+            print(f"{str(shape):20s} {name:16s} {t * 1e3:9.1f} {t / base_t:7.2f} {m / 2**20:9.1f} "
                   f"{m / max(base_m, 1):7.2f}")
 
 
