@@ -752,6 +752,11 @@ def _f(x, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _table(heading: str, text: str, columns: list[str]) -> list[str]:
+    """A report section's heading, its paragraph and the head of its table."""
+    return ["", heading, "", text, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(report: dict) -> str:
     """gpu_report.md: the report's tables."""
     s = report["sections"]
@@ -768,11 +773,11 @@ def markdown(report: dict) -> str:
         if sec["status"] == "error":
             lines += ["", f"## {name}: error", "", "```", sec["traceback"], "```"]
     if "buckets" in s.get("tune", {}):
-        lines += ["", "## Block sizes (tune)", "", f"Written to `{s['tune']['tuned_file']}`: "
-                  f"{s['tune']['configs_written']} configs. Time per call of the best and the slowest config "
-                  "(forward alone; dK/dV and dQ: forward+backward).", "",
-                  "| kind | dtype | BLOCK_D | shape | kernel | best (M, N, warps, stages) | best ms | slowest ms |"
-                  " failed |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += _table("## Block sizes (tune)", f"Written to `{s['tune']['tuned_file']}`: "
+                        f"{s['tune']['configs_written']} configs. Time per call of the best and the slowest config "
+                        "(forward alone; dK/dV and dQ: forward+backward).",
+                        ["kind", "dtype", "BLOCK_D", "shape", "kernel", "best (M, N, warps, stages)", "best ms",
+                         "slowest ms", "failed"])
         for b in s["tune"]["buckets"]:
             for name in KERNEL_NAMES:
                 cands = b["candidates"][name]
@@ -784,11 +789,10 @@ def markdown(report: dict) -> str:
                              f"{len(cands) - len(ok)} |")
     if "cases" in s.get("correctness", {}):
         c = s["correctness"]
-        lines += ["", "## Triton kernels against the float64 reference (correctness)", "",
-                  f"{c['passed']} passed, {c['failed']} failed, {len(c['skipped'])} skipped. Max error / bound "
-                  f"(bound: {c['tolerances']} × max(max |reference|, {c['error_floor']})).", "",
-                  "| kind | dtype | N | M | D | mask | out | dq | dk | dv | dsink | passed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += _table("## Triton kernels against the float64 reference (correctness)",
+                        f"{c['passed']} passed, {c['failed']} failed, {len(c['skipped'])} skipped. Max error / bound "
+                        f"(bound: {c['tolerances']} × max(max |reference|, {c['error_floor']})).",
+                        ["kind", "dtype", "N", "M", "D", "mask", "out", "dq", "dk", "dv", "dsink", "passed"])
         for case in c["cases"]:
             ratios = [_f(e["max_error"] / e["bound"], 3) if (e := case["errors"].get(n)) else "–"
                       for n in ("out", "dq", "dk", "dv", "dsink")]
@@ -798,11 +802,10 @@ def markdown(report: dict) -> str:
                          + " | ".join(ratios) + f" | {verdict} |")
     if "shapes" in s.get("attention", {}):
         a = s["attention"]
-        lines += ["", f"## Attention forward+backward, {a['dtype']} (attention)", "",
-                  f"FLOPs: {a['flops']}. SDPA backends: {a['sdpa_backends']}. Ratios to the first SDPA row "
-                  "(throughput: higher is better; memory: lower is better).", "",
-                  "| shape (B, H, N, D) | impl | ms | TFLOP/s | × flash | peak MiB | × flash |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += _table(f"## Attention forward+backward, {a['dtype']} (attention)",
+                        f"FLOPs: {a['flops']}. SDPA backends: {a['sdpa_backends']}. Ratios to the first SDPA row "
+                        "(throughput: higher is better; memory: lower is better).",
+                        ["shape (B, H, N, D)", "impl", "ms", "TFLOP/s", "× flash", "peak MiB", "× flash"])
         for shape in a["shapes"]:
             for r in shape["rows"]:
                 if "unavailable" in r:
@@ -814,10 +817,9 @@ def markdown(report: dict) -> str:
                              f"{_f(r.get('peak_x_flash'))} |")
     if "runs" in s.get("training", {}):
         t = s["training"]
-        lines += ["", "## Training U-ViC against U-ViT (training)", "",
-                  f"Model {t['model']}, batch {t['batch']}.", "",
-                  "| run | model | steps | non-finite losses | images/s | U-ViC / U-ViT | first-round s | "
-                  "loss: first 10 → last 10 |", "|---|---|---|---|---|---|---|---|"]
+        lines += _table("## Training U-ViC against U-ViT (training)", f"Model {t['model']}, batch {t['batch']}.",
+                        ["run", "model", "steps", "non-finite losses", "images/s", "U-ViC / U-ViT", "first-round s",
+                         "loss: first 10 → last 10"])
         for run in t["runs"]:
             if "error" in run:
                 lines.append(f"| {run['run']} | error: {run['error'][:200]} | | | | | | |")
