@@ -28,7 +28,7 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from uvit_cog import load_pipeline, set_attention
+from uvit_cog import load_model, load_pipeline, set_attention
 from uvit_cog.backbones import backbone_arguments, num_classes
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.dit import DIT_PRESETS, DiTModel, SharedEmbedder, build_dit
@@ -146,6 +146,24 @@ def test_dit_model_is_diffusers_dit_with_one_shared_embedder():
     ema = copy.deepcopy(model)
     assert ema.transformer_blocks[2].norm1.emb.embedder is ema.transformer_blocks[0].norm1.emb is not first
     torch.testing.assert_close(ema(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)
+
+
+def test_gradients_reach_every_parameter_with_and_without_checkpointing():
+    """train.gradient_checkpointing re-runs the blocks, the shared embedder's calls included: the same gradients."""
+    model = set_attention(tiny_dit().train(), "cog")
+    x, t = inputs()
+    y = torch.tensor([0, 1, 3])
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x, t, y).sample.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    assert all(g.any() for g in plain)
+    model.enable_gradient_checkpointing()
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_dit_initialisation_is_dits():
@@ -285,6 +303,8 @@ def test_tiny_dit_trains_and_exports_a_pipeline(runs, model):
     generic = DiffusionPipeline.from_pretrained(run / "pipeline", custom_pipeline=str(run / "pipeline"),
                                                 trust_remote_code=True)
     assert kinds(generic.transformer) == KINDS[model]
+    alone = load_model(run / "pipeline", subfolder="transformer")  # what set_attention's saved note points to
+    assert type(alone) is DiTModel and kinds(alone) == KINDS[model]
 
 
 def test_twins_differ_only_in_attention():

@@ -15,6 +15,9 @@ ways, which `DiTModel` undoes; blocks, attention processors, forward pass and co
   label embedder drops 10 % of the labels by itself in train mode, with unseeded `torch.rand`. Its null row is
   kept: label `num_embeds_ada_norm` (the number of classes) is the null label, as `UViTModel`'s `num_classes`.
 
+(`norm_eps`, the eps of the LayerNorm before each MLP, also defaults to DiT's 1e-6 instead of diffusers' 1e-5;
+the other norms use 1e-6 in both.)
+
 Added: `class_labels=None` means the null label (unconditional sampling of a conditional model);
 `num_embeds_ada_norm=0` is an unconditional DiT, whose only label is the null one (c = timestep embedding + one
 learned vector); `id2label` (class names for the pipeline); and the attention kind that `set_attention` gave

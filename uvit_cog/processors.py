@@ -428,7 +428,8 @@ def load_model(path: str | Path, subfolder: str | None = None, **kwargs: Any) ->
         raise FileNotFoundError(f"load_model: no config.json at {config_path}; pass a save_pretrained directory")
     config = json.loads(config_path.read_text())
     name = config.get("_class_name")
-    cls = UViTModel if name == "UViTModel" else getattr(diffusers, str(name), None)
+    # This package's models (UViTModel, DiTModel) first; uvit_cog is imported whenever this module is.
+    cls = getattr(sys.modules["uvit_cog"], str(name), None) or getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
         raise ValueError(f"load_model: {config_path} names _class_name={name!r}, not a diffusers model class")
     config_logger = logging.getLogger("diffusers.configuration_utils")
