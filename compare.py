@@ -47,8 +47,10 @@ def variants(cfg: DictConfig) -> dict[str, list[str]]:
         axes.append([(k, [f"model.attention_type={k}"]) for k in cfg.kinds])
     if cfg.objectives:
         samplers = {**DEFAULT_SCHEDULERS, **cfg.compare.get("schedulers", {})}  # a sampler of each objective's family
-        axes.append([(o, [f"diffusion.objective={o}", f"sample.scheduler={samplers[o]}",
-                          f"fid.scheduler={samplers[o]}"]) for o in cfg.objectives])
+        # x0 clipping is a DDPM sampler option: a flow variant of a recipe that clips turns it off.
+        axes.append([(o, [f"diffusion.objective={o}", f"sample.scheduler={samplers[o]}", f"fid.scheduler={samplers[o]}",
+                          *(["diffusion.clip_sample=false"] if o == "flow_matching" else [])])
+                     for o in cfg.objectives])
     if axes:
         return {"+".join(name for name, _ in combo): [o for _, overrides in combo for o in overrides]
                 for combo in itertools.product(*axes)}

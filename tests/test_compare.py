@@ -57,7 +57,8 @@ def test_kinds_and_objectives_make_every_combination_with_the_first_as_baseline(
     specs = compare.variants(compare_config("kinds=[softmax,cog,sigmoid]", "objectives=[ddpm,flow_matching]"))
     assert list(specs)[:3] == ["softmax+ddpm", "softmax+flow_matching", "cog+ddpm"] and len(specs) == 6
     assert specs["cog+flow_matching"] == ["model.attention_type=cog", "diffusion.objective=flow_matching",
-                                          "sample.scheduler=flow_euler", "fid.scheduler=flow_euler"]
+                                          "sample.scheduler=flow_euler", "fid.scheduler=flow_euler",
+                                          "diffusion.clip_sample=false"]
     assert compare.variants(compare_config("compare=gpu"))["cog"] == ["experiment=cifar10_uvic_s2"]
 
 
