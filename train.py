@@ -335,7 +335,8 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
         write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     # Data: each rank loads its slice of every global micro-batch (see GlobalBatchSampler).
-    dataset = build_dataset(cfg.data)
+    data = OmegaConf.to_container(cfg.data, resolve=True)  # the library gets plain values, never a DictConfig
+    dataset = build_dataset(data)
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum  # global
     local_batch = micro_batch // world
     latent = cfg.data.kind == "latents"
@@ -386,7 +387,7 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
     val_x0 = val_labels = None
     if validation_runs(cfg):
         val_x0, val_labels = validation_images(
-            build_validation_dataset(OmegaConf.to_container(cfg.data, resolve=True)), cfg.val.num_images,
+            build_validation_dataset(data), cfg.val.num_images,
             seed=cfg.val.seed, latent_scale=cfg.data.scale_factor if latent else None)
         val_labels = val_labels if num_classes else None
 
