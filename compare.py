@@ -10,8 +10,9 @@ Each (variant, seed) is one `train.py` run in `out_dir/<variant>_seed<seed>`; th
 A seed fixes the initial weights (an attention kind adds or changes no shared parameter), the data order and
 the noise, so each seed's difference to the baseline is a paired measurement: the report gives every seed's
 difference and their spread, because the seed-to-seed spread of one model can be many times the difference
-between two. The verdict uses the held-out validation ε-MSE when the runs logged it (exact with fixed noise,
-comparable across objectives) and FID otherwise, and says which decided. Finished runs are kept and
+between two. Each variant is compared with the first variant of its objective (mean validation ε-MSE is taken at
+each objective's own noise levels); the verdict uses the held-out validation ε-MSE when the runs logged it
+(exact with fixed noise) and FID otherwise, and says which decided. Finished runs are kept and
 unfinished ones resume. Writes `report.md`, `report.json` and `report.png`.
 """
 
@@ -78,19 +79,36 @@ def train_run(cfg: DictConfig, name: str, overrides: list[str], seed: int) -> Pa
     return run_dir
 
 
-def paired(results: dict[str, dict[int, dict]], key: str, baseline: str) -> dict[str, dict]:
-    """Per variant: each seed's difference to the baseline in `key`, their mean, spread and a paired t."""
+def objective_of(overrides: list[str]) -> str | None:
+    """The `diffusion.objective` a variant's overrides set (None: the recipe's own)."""
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("diffusion.objective=")), None)
+
+
+def baselines(specs: dict[str, list[str]]) -> dict[str, str]:
+    """The variant each variant is compared with: the first variant of the same objective. Mean validation ε-MSE
+    is taken at each objective's own t grid, i.e. at other noise levels, so it compares only within an objective;
+    the first variant of another objective is compared with the overall baseline, flagged (`cross_objective`)."""
+    first = {}
+    for name, overrides in specs.items():
+        first.setdefault(objective_of(overrides), name)
+    overall = next(iter(specs))
+    return {name: overall if first[objective_of(o)] == name else first[objective_of(o)]
+            for name, o in specs.items() if name != overall}
+
+
+def paired(results: dict[str, dict[int, dict]], key: str, against: dict[str, str]) -> dict[str, dict]:
+    """Per variant: each seed's difference in `key` to its baseline (`against`), their mean, spread, a paired t."""
     out = {}
-    for name, runs in results.items():
-        if name == baseline:
-            continue
-        diffs = {s: runs[s][key] - results[baseline][s][key] for s in runs
-                 if math.isfinite(runs[s][key]) and math.isfinite(results[baseline][s][key])}
+    for name, base in against.items():
+        runs = results[name]
+        diffs = {s: runs[s][key] - results[base][s][key] for s in runs
+                 if math.isfinite(runs[s][key]) and math.isfinite(results[base][s][key])}
         values = list(diffs.values())
         mean = statistics.fmean(values) if values else float("nan")
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         t = mean / (std / math.sqrt(len(values))) if len(values) > 1 and std > 0 else float("nan")
-        out[name] = dict(diffs=diffs, mean=mean, std=std, t=t, lower=sum(d < 0 for d in values), n=len(values))
+        out[name] = dict(baseline=base, diffs=diffs, mean=mean, std=std, t=t, lower=sum(d < 0 for d in values),
+                         n=len(values))
     return out
 
 
@@ -100,20 +118,23 @@ def decide(cfg: DictConfig, results: dict[str, dict[int, dict]]) -> tuple[str, s
     if cfg.verdict == "val" or (cfg.verdict == "auto" and have_val):
         if not have_val:
             raise SystemExit("compare.py: verdict=val but some runs logged no validation loss (set val.every > 0)")
-        return "val", ("the held-out validation ε-MSE decided: fixed images, noise and timesteps make it exact "
-                       "and comparable across objectives, where FID from a few thousand samples of briefly "
-                       "trained models mostly measures sampling noise")
+        return "val", ("the held-out validation ε-MSE decided: fixed images, noise and timesteps make it exact, "
+                       "where FID from a few thousand samples of briefly trained models mostly measures sampling "
+                       "noise")
     return "fid", "FID decided (the runs logged no validation loss)" if not have_val else "FID decided (verdict=fid)"
 
 
-def verdict_lines(name: str, baseline: str, stats: dict, label: str) -> str:
-    n, lower = stats["n"], stats["lower"]
+def verdict_lines(name: str, stats: dict, label: str, cross_objective: bool) -> str:
+    n, lower, baseline = stats["n"], stats["lower"], stats["baseline"]
     if n == 0:
         return f"- **{name}** vs {baseline}: no {label} to compare."
     summary = (f"{label} difference {stats['mean']:+.5g}" + (f" ± {stats['std']:.2g} (paired t = {stats['t']:.2f})"
                                                                    if n > 1 else "")
                + f"; lower than {baseline} in {lower} of {n} seed(s)")
-    if n < 2:
+    if cross_objective and label == METRICS["val"][1]:
+        word = ("another objective: its mean ε-MSE is taken at other noise levels, so this is no verdict; compare "
+                "the per-timestep curves against log SNR in report.png")
+    elif n < 2:
         word = "one seed: no spread is known"
     elif lower == n:
         word = f"{name} is better in every seed"
@@ -144,17 +165,21 @@ def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str
             lines.append(f"| {name} | {seed} | {r['final_val_eps_mse']:.5f} | {r['final_val_loss']:.5f} | "
                          f"{r['final_fid']:.2f} | {r['final_loss']:.4f} | {r['images_per_s']:.1f} | "
                          f"{r['parameters']:,} | `{r['run_dir']}` |")
-    lines += ["", f"Paired by seed against {baseline} (variant − baseline; lower is better):", "",
-              "| variant | metric | per-seed differences | mean | std | lower in |", "|---|---|---|---|---|---|"]
-    comparisons = {m: paired(results, METRICS[m][0], baseline) for m in METRICS}
-    for name in list(results)[1:]:
+    against = baselines(specs)
+    cross = {n: objective_of(specs[n]) != objective_of(specs[b]) for n, b in against.items()}
+    lines += ["", "Paired by seed, each variant against the first variant of its objective (variant − baseline; "
+              "lower is better):", "",
+              "| variant | baseline | metric | per-seed differences | mean | std | lower in |",
+              "|---|---|---|---|---|---|---|"]
+    comparisons = {m: paired(results, METRICS[m][0], against) for m in METRICS}
+    for name in against:
         for m, (_, mlabel) in METRICS.items():
             s = comparisons[m][name]
             per_seed = ", ".join(f"{seed}: {d:+.4g}" for seed, d in s["diffs"].items()) or "–"
-            lines.append(f"| {name} | {mlabel} | {per_seed} | {s['mean']:+.4g} | {s['std']:.2g} | "
+            lines.append(f"| {name} | {s['baseline']} | {mlabel} | {per_seed} | {s['mean']:+.4g} | {s['std']:.2g} | "
                          f"{s['lower']}/{s['n']} |")
     lines += ["", f"**Verdict** ({why}):", ""]
-    lines += [verdict_lines(name, baseline, comparisons[metric][name], label) for name in list(results)[1:]]
+    lines += [verdict_lines(name, comparisons[metric][name], label, cross[name]) for name in against]
     lines += ["", f"Reference: `{cfg.reference}`. Seeds: {list(cfg.seeds)}. Extra overrides: "
               f"`{list(cfg.compare.overrides)}`.", ""]
     (out / "report.md").write_text("\n".join(lines))

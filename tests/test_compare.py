@@ -22,7 +22,7 @@ def test_micro_comparison_writes_table_and_plot(tmp_path):
     )
     report = (out / "report.md").read_text()
     assert "| softmax | 0 |" in report and "| cog | 0 |" in report and "**Verdict** (the held-out validation" in report
-    assert "**cog** vs softmax: validation ε-MSE difference" in report
+    assert "**cog** vs softmax: validation ε-MSE difference" in report and "| cog | softmax | validation" in report
     results = json.loads((out / "report.json").read_text())
     runs = results["runs"]
     for model in ("softmax", "cog"):
@@ -66,7 +66,14 @@ def test_paired_differences_are_per_seed():
     compare = load_entry_point("compare")
     runs = {"softmax": {0: {"v": 1.0}, 1: {"v": 2.0}, 2: {"v": 3.0}},
             "cog": {0: {"v": 0.9}, 1: {"v": 1.8}, 2: {"v": 3.1}}}
-    stats = compare.paired(runs, "v", "softmax")["cog"]
+    stats = compare.paired(runs, "v", {"cog": "softmax"})["cog"]
     assert stats["diffs"] == pytest.approx({0: -0.1, 1: -0.2, 2: 0.1}) and (stats["lower"], stats["n"]) == (2, 3)
     assert stats["mean"] == pytest.approx(-0.2 / 3)
-    assert "no consistent difference" in compare.verdict_lines("cog", "softmax", stats, "v")
+    assert "no consistent difference" in compare.verdict_lines("cog", stats, "v", cross_objective=False)
+
+
+def test_variants_are_compared_within_their_objective():
+    compare = load_entry_point("compare")
+    specs = compare.variants(compare_config("kinds=[softmax,cog]", "objectives=[ddpm,flow_matching]"))
+    assert compare.baselines(specs) == {"softmax+flow_matching": "softmax+ddpm", "cog+ddpm": "softmax+ddpm",
+                                        "cog+flow_matching": "softmax+flow_matching"}
