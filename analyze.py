@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from diffusers import DDPMScheduler
 from omegaconf import DictConfig
 
 from uvit_cog.analysis import (
@@ -30,6 +29,7 @@ from uvit_cog.data import ArrayDataset
 from uvit_cog.images import load_npz_arrays
 from uvit_cog.model import UViTModel
 from uvit_cog.pipeline import load_pipeline
+from uvit_cog.schedule import make_objective
 
 
 def markdown_table(columns: dict[str, list[dict]], key: str, fmt: str = "{:.3f}") -> str:
@@ -86,7 +86,7 @@ def main(cfg: DictConfig) -> None:
                              f"{model.config.in_channels}")
         x0 = torch.stack([data[i][0] for i in range(len(data))])
         y = data.labels if model.config.num_classes > 0 and labels is not None else None
-        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        schedule = make_objective(pipe.scheduler.config)  # DDPM or flow matching: the model's own noising
         attn = attention_statistics(model, x0, list(cfg.timesteps), schedule, y, cfg.seed)
         probe = collapse_probe(model, x0, list(cfg.timesteps), schedule, y, cfg.seed)
         render_attention_maps(model, x0, cfg.map_timestep, schedule, out / f"maps_{name}.png",

@@ -10,10 +10,11 @@ from uvit_cog.analysis import (
     collapse_probe,
     effective_rank,
     mean_pairwise_cosine,
+    noisy_inputs,
     render_attention_maps,
     summarise_by_block,
 )
-from uvit_cog.schedule import scheduler_config
+from uvit_cog.schedule import flow_scheduler_config, make_objective, scheduler_config
 
 
 def _setup(**kwargs):
@@ -23,7 +24,7 @@ def _setup(**kwargs):
         for b in model.blocks:
             b.attn.qkv.weight.mul_(20)
     x0 = torch.rand(3, 3, 8, 8) * 2 - 1
-    return model, x0, DDPMScheduler.from_config(scheduler_config())
+    return model, x0, make_objective(scheduler_config())
 
 
 def test_attention_statistics_sign_structure():
@@ -88,7 +89,8 @@ def test_analyze_command_side_by_side(tmp_path):
 
     from uvit_cog.pipeline import UViTPipeline
 
-    model, _, sched = _setup()
+    model, _, _ = _setup()
+    sched = DDPMScheduler.from_config(scheduler_config())
     UViTPipeline(transformer=model, scheduler=sched).save_pretrained(tmp_path / "uvic")
     softmax = UViTModel(**{**model.config, "attention_type": "softmax"})
     UViTPipeline(transformer=softmax, scheduler=sched).save_pretrained(tmp_path / "uvit")
@@ -109,3 +111,15 @@ def test_analyze_command_side_by_side(tmp_path):
     sink_table = report.split("## Mass the sink takes")[1].split("##")[0]
     assert "– (softmax)" in sink_table and "– (cog)" in sink_table and "(softmax1_sink)" in sink_table
     assert (tmp_path / "out" / "maps_uvit.png").is_file() and (tmp_path / "out" / "maps_uvic.png").is_file()
+
+
+def test_noisy_inputs_follow_the_models_objective():
+    """analyze.py noises images the way the model was trained: DDPM's schedule, or the flow interpolant at
+    t = timestep / T for a flow model (which sees t·T)."""
+    x0 = torch.randn(2, 3, 8, 8)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    flow = make_objective(flow_scheduler_config())
+    torch.testing.assert_close(noisy_inputs(x0, 250, flow, seed=3), 0.75 * x0 + 0.25 * noise)
+    ddpm = DDPMScheduler.from_config(scheduler_config())
+    expected = ddpm.add_noise(x0, noise, torch.full((2,), 250, dtype=torch.long))
+    torch.testing.assert_close(noisy_inputs(x0, 250, make_objective(scheduler_config()), seed=3), expected)

@@ -13,18 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 from torch import Tensor
 
 from .attention import ATTENTION_KINDS, capture_attention
 from .model import UViTModel
+from .schedule import Objective
 
 
-def noisy_inputs(x0: Tensor, timestep: int, scheduler: DDPMScheduler, seed: int = 0) -> Tensor:
-    """x0 noised to `timestep` with the model's training schedule, with seeded noise."""
+def noisy_inputs(x0: Tensor, timestep: int, objective: Objective, seed: int = 0) -> Tensor:
+    """x0 noised, with seeded noise, to where the model sees `timestep` (0..T−1; a flow model sees t·T) under
+    its training objective (`uvit_cog.schedule.make_objective(pipe.scheduler.config)`)."""
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    t = torch.full((x0.shape[0],), int(timestep), dtype=torch.long)
-    return scheduler.add_noise(x0, noise, t)
+    t = objective.t_of_model_timesteps(torch.full((x0.shape[0],), int(timestep), dtype=torch.long))
+    return objective.add_noise(x0, noise, t)
 
 
 SPARSE_BELOW = 0.01  # a weight counts as sparse below 1% of a uniform row's weight 1/M
@@ -57,7 +58,7 @@ def attention_statistics(
     model: UViTModel,
     x0: Tensor,
     timesteps: Sequence[int],
-    scheduler: DDPMScheduler,
+    objective: Objective,
     class_labels: Tensor | None = None,
     seed: int = 0,
 ) -> list[dict]:
@@ -68,7 +69,7 @@ def attention_statistics(
     model.eval()
     rows = []
     for t in timesteps:
-        xt = noisy_inputs(x0, t, scheduler, seed).to(model.device, model.dtype)
+        xt = noisy_inputs(x0, t, objective, seed).to(model.device, model.dtype)
         with capture_attention(model) as cap:
             model(xt, t, class_labels)
         for index, block in enumerate(model.blocks):
@@ -103,7 +104,7 @@ def collapse_probe(
     model: UViTModel,
     x0: Tensor,
     timesteps: Sequence[int],
-    scheduler: DDPMScheduler,
+    objective: Objective,
     class_labels: Tensor | None = None,
     seed: int = 0,
 ) -> list[dict]:
@@ -118,7 +119,7 @@ def collapse_probe(
     try:
         for t in timesteps:
             outputs.clear()
-            xt = noisy_inputs(x0, t, scheduler, seed).to(model.device, model.dtype)
+            xt = noisy_inputs(x0, t, objective, seed).to(model.device, model.dtype)
             model(xt, t, class_labels)
             for index, tokens in enumerate(outputs):
                 rows.append(
@@ -141,7 +142,7 @@ def render_attention_maps(
     model: UViTModel,
     x0: Tensor,
     timestep: int,
-    scheduler: DDPMScheduler,
+    objective: Objective,
     path: str | Path,
     query_tokens: Sequence[int] | None = None,
     blocks: Sequence[int] | None = None,
@@ -168,7 +169,7 @@ def render_attention_maps(
     if any(not 0 <= q < side * side for q in query_tokens):
         raise ValueError(f"query_tokens are patch indices in [0, {side * side}), got {list(query_tokens)}")
     blocks = list(range(len(model.blocks))) if blocks is None else list(blocks)
-    xt = noisy_inputs(x0[:1], timestep, scheduler, seed).to(model.device, model.dtype)
+    xt = noisy_inputs(x0[:1], timestep, objective, seed).to(model.device, model.dtype)
     labels = None if class_labels is None else class_labels[:1]
     with capture_attention(model) as cap:
         model(xt, timestep, labels)

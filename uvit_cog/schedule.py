@@ -300,6 +300,10 @@ class Objective(ABC):
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timestep the model is called with at t."""
 
+    def t_of_model_timesteps(self, timesteps: Tensor) -> Tensor:
+        """The objective's t at which the model is called with `timesteps` (the inverse of `model_timesteps`)."""
+        return timesteps
+
     @abstractmethod
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t, the noisy input at t."""
@@ -415,6 +419,9 @@ class FlowMatchingObjective(Objective):
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         return t * self.num_train_timesteps
+
+    def t_of_model_timesteps(self, timesteps: Tensor) -> Tensor:
+        return timesteps.float() / self.num_train_timesteps
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         t = _per_image(t, x0)
