@@ -448,12 +448,11 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
                     f"step {step + 1}: non-finite {'loss' if loss_bad else 'gradient norm'}; the weights are "
                     "those of the last good step. Lower optim.lr, set train.max_grad_norm, or use "
                     "train.nonfinite=skip to skip such steps")
-            optimizer.zero_grad(set_to_none=True)
             stepped = False
         else:
             optimizer.step()
             stepped = not accelerator.optimizer_step_was_skipped
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         if stepped:
             lr_scheduler.step()
             update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step + 1, cfg.train.ema_decay,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from uvit_cog.checkpoints import PAUSE_AT, PAUSE_MARKER, list_checkpoints, verify_checkpoint
-from uvit_cog.rundir import read_metrics
+from uvit_cog.checkpoints import OLD_PREFIX, PAUSE_AT, PAUSE_MARKER, list_checkpoints, verify_checkpoint
+from uvit_cog.rundir import TMP_PREFIX, checkpoint_step, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pause points a resume cycle reaches by itself ("moved_aside" needs a step saved twice: tests cover it).
@@ -52,8 +52,9 @@ def progress(run_dir: Path) -> int:
 def saved_step(run_dir: Path) -> int:
     """The step a restart can resume from: the newest intact checkpoint, counting one a kill left moved aside."""
     root = run_dir / "checkpoints"
-    dirs = list_checkpoints(run_dir) + [p for p in root.glob(".old_step_*") if not (root / p.name[5:]).exists()]
-    steps = [int(p.name.rsplit("_", 1)[1]) for p in dirs if not verify_checkpoint(p)]
+    moved_aside = [p for p in root.glob(f"{OLD_PREFIX}step_*") if not (root / p.name[len(OLD_PREFIX):]).exists()]
+    steps = [checkpoint_step(p.name[len(OLD_PREFIX):] if p in moved_aside else p.name)
+             for p in list_checkpoints(run_dir) + moved_aside if not verify_checkpoint(p)]
     return max(steps, default=0)
 
 
@@ -104,7 +105,8 @@ def main() -> None:
         elif proc.returncode != 0:
             raise SystemExit(f"the run failed by itself (exit {proc.returncode}): see {log}")
         root = victim / "checkpoints"
-        inside = any(root.glob(".tmp_step_*")) or any(root.glob(".old_step_*"))  # a save had begun, not ended
+        # A save had begun and not ended: its temporary copy, or a step moved aside, is still there.
+        inside = any(root.glob(f"{TMP_PREFIX}step_*")) or any(root.glob(f"{OLD_PREFIX}step_*"))
         done = progress(victim) if victim.exists() else 0
         lost = max(done - saved_step(victim), 0) if not finished else 0  # steps a restart has to train again
         worst = max(worst, lost)
