@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,14 +34,6 @@ from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema, val
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EVERY = 5000  # conf/train.yaml's val.every
-
-
-def load_train_script():
-    """train.py as a module: its config checks and builders, so the benchmark builds what training builds."""
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -58,7 +50,9 @@ def main() -> None:
         cfg = compose("train", overrides=[*args.overrides, f"run_dir={scratch}"])
     if cfg.data.kind == "latents":
         raise SystemExit("bench/val_cost.py: latent data needs the VAE pipeline of train.py; use a pixel recipe")
-    train = load_train_script()
+    sys.path.insert(0, str(ROOT))  # train_setup.py: train.py's config checks and builders, so the benchmark
+    import train_setup as train  # builds what training builds
+
     train.validate_config(cfg, num_processes=1)
     every = cfg.val.every or DEFAULT_EVERY
 

@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by several test modules (helpers are imported: `from conftest import ...`)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -107,7 +108,10 @@ TINY = [
 
 
 def load_entry_point(name: str) -> ModuleType:
-    """Import an entry-point script at the repository root (train.py, sample.py, ...) by path."""
+    """Import an entry-point script at the repository root (train.py, sample.py, ...) by path; the root joins
+    sys.path as it does for `python train.py`, so the script's sibling modules (train_setup.py) import."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -119,6 +119,21 @@ def test_no_intact_checkpoint_stops_naming_the_damaged_files(finished_run, mnist
         train_script.train(train_config(*npz_overrides(mnist_npz, finished_run, "train.steps=6")))
 
 
+def test_only_the_main_process_verifies_checkpoints(finished_run, monkeypatch):
+    """Verification hashes every file: the main process chooses, the other ranks take its choice (the choice
+    reaching them over gloo is tested by test_train.py's two-process resume)."""
+    def never(path):
+        raise AssertionError(f"a non-main rank verified {path}")
+
+    class Rank:
+        def __init__(self, main):
+            self.is_main_process, self.print = main, print
+
+    assert checkpoints.select_checkpoint_for_all(Rank(True), finished_run, "auto").name == "step_0000004"
+    monkeypatch.setattr(checkpoints, "verify_checkpoint", never)
+    assert checkpoints.select_checkpoint_for_all(Rank(False), finished_run, "auto") is None  # one process: nothing sent
+
+
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(reference_run, mnist_npz, tmp_path, monkeypatch):
     run_dir = tmp_path / "full"
     manifest = checkpoints.write_manifest

@@ -116,20 +116,28 @@ def test_killed_during_checkpoint_save_keeps_the_previous_one(reference_run, mni
 
 
 def test_two_processes_match_one(reference_run, mnist_npz, tmp_path):
-    """Two CPU processes (gloo) train the same global batches as one: the checkpoints check at every save that
-    the ranks' weights and EMA are identical, and the result matches the single-process run."""
+    """Two CPU processes (gloo) train the same global batches as one, also across a resume: the checkpoints check
+    at every save that the ranks' weights and EMA are identical, and the result matches the single-process run."""
     run_dir = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # accelerate 1.x starts several CPU processes through its multi-GPU (torchrun) launcher; train.cpu=true then
-    # makes them CPU processes with gloo (its `--cpu` flag alone starts one process without mpirun).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "train.py", "train.cpu=true", *npz_overrides(mnist_npz, run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def launch(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # accelerate 1.x starts several CPU processes through its multi-GPU (torchrun) launcher; train.cpu=true then
+        # makes them CPU processes with gloo (its `--cpu` flag alone starts one process without mpirun).
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), "train.py", "train.cpu=true",
+                   *npz_overrides(mnist_npz, run_dir, *extra)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    launch("train.steps=2")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002"]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_0000002'} at step 2" in launch()  # now to 4 steps
     state = json.loads((run_dir / "checkpoints" / "step_0000004" / "train_state.json").read_text())
     assert state["processes"] == 2
     assert_same_weights(final_model(run_dir), final_model(reference_run), atol=1e-5)

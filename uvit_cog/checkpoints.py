@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch import nn
 
@@ -259,6 +260,25 @@ def select_checkpoint(run_dir: str | os.PathLike, resume: str, log: Callable[[st
     details = "\n".join(f"  {p}: " + "; ".join(why) for p, why in damaged.items())
     raise CheckpointError(f"no intact checkpoint to resume from:\n{details}\nrestore the files, point resume= at "
                           "another checkpoint, or start over with another run_dir")
+
+
+def select_checkpoint_for_all(accelerator: Accelerator, run_dir: str | os.PathLike, resume: str) -> Path | None:
+    """`select_checkpoint` once, by the main process, and its choice (or its error) on every rank.
+
+    Verifying hashes every file of a checkpoint: done on each of 8 ranks it reads the checkpoint 8 times, and
+    ranks that verified separately could even choose differently while a file is being damaged. The main process
+    chooses after it has recovered interrupted saves; the other ranks wait for its answer.
+    """
+    choice: list[Path | Exception | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            choice[0] = select_checkpoint(run_dir, resume, log=accelerator.print)
+        except (CheckpointError, ValueError) as e:  # raised on every rank below, so none waits for the others
+            choice[0] = e
+    chosen = broadcast_object_list(choice)[0]
+    if isinstance(chosen, Exception):
+        raise chosen
+    return chosen
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike, ema: nn.Module) -> dict:
