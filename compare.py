@@ -10,10 +10,11 @@ Each (variant, seed) is one `train.py` run in `out_dir/<variant>_seed<seed>`; th
 A seed fixes the initial weights (an attention kind adds or changes no shared parameter), the data order and
 the noise, so each seed's difference to the baseline is a paired measurement: the report gives every seed's
 difference and their spread, because the seed-to-seed spread of one model can be many times the difference
-between two. Each variant is compared with the first variant of its objective (mean validation ε-MSE is taken at
-each objective's own noise levels); the verdict uses the held-out validation ε-MSE when the runs logged it
-(exact with fixed noise) and FID otherwise, and says which decided. Finished runs are kept and
-unfinished ones resume. Writes `report.md`, `report.json` and `report.png`.
+between two. Each variant is compared with the first variant of its objective (validation ε-MSE is taken at
+each objective's own noise levels), as a mean over the timestep grid and per timestep, which shows where in noise
+level they differ. The verdict uses the held-out validation ε-MSE when the runs logged it (exact with fixed
+noise) and FID otherwise, and says which decided. Finished runs are kept and unfinished ones resume. Writes
+`report.md`, `report.json` and `report.png`.
 """
 
 from __future__ import annotations
@@ -112,6 +113,27 @@ def paired(results: dict[str, dict[int, dict]], key: str, against: dict[str, str
     return out
 
 
+def paired_per_timestep(results: dict[str, dict[int, dict]], against: dict[str, str]) -> dict[str, dict]:
+    """Per variant of the same objective as its baseline: each seed's final validation ε-MSE difference at every
+    grid timestep, their mean and in how many seeds the variant is lower there: where in noise level two kinds
+    differ, which a mean over the grid hides. (Another objective's grid is at other noise levels: left out.)"""
+    out = {}
+    for name, base in against.items():
+        runs, base_runs = results[name], results[base]
+        grid = next(iter(base_runs.values()))["val_timesteps"]
+        seeds = [s for s in runs if runs[s]["final_val_eps_mse_t"] and base_runs[s]["final_val_eps_mse_t"]
+                 and runs[s]["val_timesteps"] == base_runs[s]["val_timesteps"] == grid]
+        if not seeds:
+            continue
+        diffs = {s: [a - b for a, b in zip(runs[s]["final_val_eps_mse_t"], base_runs[s]["final_val_eps_mse_t"],
+                                           strict=True)] for s in seeds}
+        columns = list(zip(*diffs.values(), strict=True))
+        out[name] = dict(baseline=base, timesteps=grid, log_snr=base_runs[seeds[0]]["val_log_snr"], diffs=diffs,
+                         mean=[statistics.fmean(c) for c in columns], lower=[sum(d < 0 for d in c) for c in columns],
+                         n=len(seeds))
+    return out
+
+
 def decide(cfg: DictConfig, results: dict[str, dict[int, dict]]) -> tuple[str, str]:
     """The verdict metric and why: validation ε-MSE when every run logged it (unless verdict=fid), else FID."""
     have_val = all(math.isfinite(r["final_val_eps_mse"]) for runs in results.values() for r in runs.values())
@@ -178,15 +200,26 @@ def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str
             per_seed = ", ".join(f"{seed}: {d:+.4g}" for seed, d in s["diffs"].items()) or "–"
             lines.append(f"| {name} | {s['baseline']} | {mlabel} | {per_seed} | {s['mean']:+.4g} | {s['std']:.2g} | "
                          f"{s['lower']}/{s['n']} |")
+    per_t = paired_per_timestep(results, against)
+    for grid in dict.fromkeys(tuple(st["timesteps"]) for st in per_t.values()):  # one table per objective's grid
+        lines += ["", "Final validation ε-MSE difference to the baseline at each timestep of the grid (mean over "
+                  "seeds; in brackets: in how many seeds the variant is lower):", "",
+                  "| variant | baseline | " + " | ".join(f"t={t:g}" for t in grid) + " |",
+                  "|---|---|" + "---|" * len(grid)]
+        for name, st in per_t.items():
+            if tuple(st["timesteps"]) == grid:
+                cells = [f"{m:+.4f} ({k}/{st['n']})" for m, k in zip(st["mean"], st["lower"], strict=True)]
+                lines.append(f"| {name} | {st['baseline']} | " + " | ".join(cells) + " |")
     lines += ["", f"**Verdict** ({why}):", ""]
     lines += [verdict_lines(name, comparisons[metric][name], label, cross[name]) for name in against]
     lines += ["", f"Reference: `{cfg.reference}`. Seeds: {list(cfg.seeds)}. Extra overrides: "
               f"`{list(cfg.compare.overrides)}`.", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps({"baseline": baseline, "verdict_metric": metric, "variants": specs,
-                                                 "paired": comparisons, "runs": results}, indent=1))
+                                                 "paired": comparisons, "paired_per_timestep": per_t, "runs": results},
+                                                indent=1))
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     colours = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False))
     for name, runs in results.items():
         for seed, r in runs.items():
@@ -197,10 +230,16 @@ def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str
                     ax.plot(*zip(*r[curve], strict=True), marker="o" if curve != "loss" else None, **style)
             if r["final_val_eps_mse_t"]:
                 axes[2].plot(r["val_log_snr"], r["final_val_eps_mse_t"], marker=".", **style)
+    for name, st in per_t.items():
+        axes[4].plot(st["log_snr"], st["mean"], marker="o", color=colours[name], label=f"{name} − {st['baseline']}")
+        for diffs in st["diffs"].values():
+            axes[4].plot(st["log_snr"], diffs, color=colours[name], alpha=0.3, linewidth=0.8)
+    axes[4].axhline(0.0, color="black", linewidth=0.6)
     axes[0].set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
     axes[1].set(xlabel="step", ylabel="validation ε-MSE", title="validation ε-MSE (held out)")
     axes[2].set(xlabel="log SNR", ylabel="ε-MSE", title="final validation ε-MSE per timestep", yscale="log")
     axes[3].set(xlabel="step", ylabel="FID (EMA)", title="FID")
+    axes[4].set(xlabel="log SNR", ylabel="ε-MSE difference", title="paired difference per timestep (thin: seeds)")
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()

@@ -35,6 +35,10 @@ def test_micro_comparison_writes_table_and_plot(tmp_path):
     assert runs["softmax"]["0"]["parameters"] == runs["cog"]["0"]["parameters"]
     diff = results["paired"]["val"]["cog"]["diffs"]["0"]
     assert diff == runs["cog"]["0"]["final_val_eps_mse"] - runs["softmax"]["0"]["final_val_eps_mse"]
+    per_t = results["paired_per_timestep"]["cog"]
+    assert per_t["diffs"]["0"] == pytest.approx(np.subtract(runs["cog"]["0"]["final_val_eps_mse_t"],
+                                                            runs["softmax"]["0"]["final_val_eps_mse_t"]).tolist())
+    assert f"| cog | softmax | {per_t['mean'][0]:+.4f} ({per_t['lower'][0]}/1) |" in report
     with Image.open(out / "report.png") as im:
         assert im.format == "PNG"
     # A second invocation keeps the finished runs instead of training again.
@@ -70,6 +74,21 @@ def test_paired_differences_are_per_seed():
     assert stats["diffs"] == pytest.approx({0: -0.1, 1: -0.2, 2: 0.1}) and (stats["lower"], stats["n"]) == (2, 3)
     assert stats["mean"] == pytest.approx(-0.2 / 3)
     assert "no consistent difference" in compare.verdict_lines("cog", stats, "v", cross_objective=False)
+
+
+def test_per_timestep_differences_are_paired_within_an_objective():
+    compare = load_entry_point("compare")
+
+    def run(values, grid=(50.0, 500.0)):
+        return {"final_val_eps_mse_t": list(values), "val_timesteps": list(grid), "val_log_snr": [2.0, -2.0]}
+
+    results = {"softmax": {0: run([1.0, 0.5]), 1: run([2.0, 0.4])},
+               "cog": {0: run([0.9, 0.6]), 1: run([1.5, 0.5])},
+               "softmax+fm": {0: run([0.3, 0.2], grid=(0.05, 0.5)), 1: run([0.3, 0.2], grid=(0.05, 0.5))}}
+    per_t = compare.paired_per_timestep(results, {"cog": "softmax", "softmax+fm": "softmax"})
+    assert list(per_t) == ["cog"]  # another objective's grid lies at other noise levels: no per-timestep pairing
+    assert per_t["cog"]["diffs"] == {0: pytest.approx([-0.1, 0.1]), 1: pytest.approx([-0.5, 0.1])}
+    assert per_t["cog"]["mean"] == pytest.approx([-0.3, 0.1]) and per_t["cog"]["lower"] == [2, 0]
 
 
 def test_variants_are_compared_within_their_objective():

@@ -249,6 +249,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
         final_val_loss=final("val_loss"),
         final_val_eps_mse=final("val_eps_mse"),
         final_val_eps_mse_t=last_val.get("val_eps_mse_t", []),
+        val_timesteps=last_val.get("val_timesteps", []),
         val_log_snr=last_val.get("val_log_snr", []),
         images_per_s=statistics.median(speeds) if speeds else float("nan"),
         parameters=parameters,
