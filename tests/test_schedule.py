@@ -17,6 +17,7 @@ from hydra import compose, initialize
 from uvit_cog import UViTModel, UViTPipeline
 from uvit_cog.checkpoints import export_pipeline
 from uvit_cog.model import UViTModelOutput
+from uvit_cog.sampling import sample_grid
 from uvit_cog.schedule import (
     FLOW_SCHEDULERS,
     SCHEDULERS,
@@ -200,6 +201,11 @@ def test_family_mismatch_names_both():
     ddpm.scheduler = FlowMatchEulerDiscreteScheduler()
     with pytest.raises(ValueError, match=r"FlowMatchEulerDiscreteScheduler samples flow_matching models"):
         ddpm(batch_size=1, num_inference_steps=2)
+    # ... and so does sampling with a scheduler object of the other family, before it samples anything.
+    with pytest.raises(ValueError, match=r"FlowMatchEulerDiscreteScheduler samples flow_matching models, but this "
+                                         r"pipeline's model was trained with the ddpm objective"):
+        sample_grid(UViTPipeline(tiny_model(), default_scheduler(scheduler_config())), n=1, num_inference_steps=2,
+                    scheduler=FlowMatchEulerDiscreteScheduler())
 
 
 @pytest.mark.parametrize("overrides,match", [

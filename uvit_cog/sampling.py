@@ -47,12 +47,15 @@ def index_generator(seed: int, index: int) -> torch.Generator:
 
 def with_scheduler(pipeline: UViTPipeline, scheduler: str | SchedulerMixin | None) -> UViTPipeline:
     """`pipeline` sampling with another scheduler (a `SCHEDULERS` name built on its noise schedule, or an
-    instance); the components are shared, the given pipeline is left unchanged."""
+    instance); the components are shared, the given pipeline is left unchanged. A scheduler of the other
+    objective's family is refused here, before any sampling."""
     if scheduler is None:
         return pipeline
     if isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
-    swapped = UViTPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae)
+    swapped = UViTPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
+                           objective=pipeline.config.objective)  # the model's objective, not the new scheduler's
+    swapped.check_scheduler()
     swapped.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
     return swapped
 
