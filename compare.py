@@ -113,16 +113,23 @@ def paired(results: dict[str, dict[int, dict]], key: str, against: dict[str, str
     return out
 
 
+def same_noise_levels(a: list[float], b: list[float]) -> bool:
+    """Whether two validation grids lie at the same log SNRs (a flow model's t·1000 is another noise level than
+    a DDPM model's timestep of the same number)."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b, strict=True))
+
+
 def paired_per_timestep(results: dict[str, dict[int, dict]], against: dict[str, str]) -> dict[str, dict]:
     """Per variant of the same objective as its baseline: each seed's final validation ε-MSE difference at every
     grid timestep, their mean and in how many seeds the variant is lower there: where in noise level two kinds
-    differ, which a mean over the grid hides. (Another objective's grid is at other noise levels: left out.)"""
+    differ, which a mean over the grid hides. (Another objective's grid lies at other noise levels: left out.)"""
     out = {}
     for name, base in against.items():
         runs, base_runs = results[name], results[base]
         grid = next(iter(base_runs.values()))["val_timesteps"]
         seeds = [s for s in runs if runs[s]["final_val_eps_mse_t"] and base_runs[s]["final_val_eps_mse_t"]
-                 and runs[s]["val_timesteps"] == base_runs[s]["val_timesteps"] == grid]
+                 and runs[s]["val_timesteps"] == base_runs[s]["val_timesteps"] == grid
+                 and same_noise_levels(runs[s]["val_log_snr"], base_runs[s]["val_log_snr"])]
         if not seeds:
             continue
         diffs = {s: [a - b for a, b in zip(runs[s]["final_val_eps_mse_t"], base_runs[s]["final_val_eps_mse_t"],
@@ -201,13 +208,15 @@ def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str
             lines.append(f"| {name} | {s['baseline']} | {mlabel} | {per_seed} | {s['mean']:+.4g} | {s['std']:.2g} | "
                          f"{s['lower']}/{s['n']} |")
     per_t = paired_per_timestep(results, against)
-    for grid in dict.fromkeys(tuple(st["timesteps"]) for st in per_t.values()):  # one table per objective's grid
-        lines += ["", "Final validation ε-MSE difference to the baseline at each timestep of the grid (mean over "
-                  "seeds; in brackets: in how many seeds the variant is lower):", "",
-                  "| variant | baseline | " + " | ".join(f"t={t:g}" for t in grid) + " |",
+    grids = {name: (tuple(st["timesteps"]), tuple(round(x, 2) for x in st["log_snr"])) for name, st in per_t.items()}
+    for grid, log_snr in dict.fromkeys(grids.values()):  # one table per objective's grid (its noise levels)
+        lines += ["", "Final validation ε-MSE difference to the baseline at each timestep of the grid (λ: log SNR; "
+                  "mean over seeds; in brackets: in how many seeds the variant is lower):", "",
+                  "| variant | baseline | " + " | ".join(f"t={t:g} (λ={x:+.1f})" for t, x in zip(grid, log_snr,
+                                                                                      strict=True)) + " |",
                   "|---|---|" + "---|" * len(grid)]
         for name, st in per_t.items():
-            if tuple(st["timesteps"]) == grid:
+            if grids[name] == (grid, log_snr):
                 cells = [f"{m:+.4f} ({k}/{st['n']})" for m, k in zip(st["mean"], st["lower"], strict=True)]
                 lines.append(f"| {name} | {st['baseline']} | " + " | ".join(cells) + " |")
     lines += ["", f"**Verdict** ({why}):", ""]

@@ -79,12 +79,13 @@ def test_paired_differences_are_per_seed():
 def test_per_timestep_differences_are_paired_within_an_objective():
     compare = load_entry_point("compare")
 
-    def run(values, grid=(50.0, 500.0)):
-        return {"final_val_eps_mse_t": list(values), "val_timesteps": list(grid), "val_log_snr": [2.0, -2.0]}
+    def run(values, log_snr=(2.0, -2.0)):
+        return {"final_val_eps_mse_t": list(values), "val_timesteps": [50.0, 500.0], "val_log_snr": list(log_snr)}
 
+    flow = (5.9, 0.0)  # the same model timesteps t·1000, at a flow model's noise levels
     results = {"softmax": {0: run([1.0, 0.5]), 1: run([2.0, 0.4])},
                "cog": {0: run([0.9, 0.6]), 1: run([1.5, 0.5])},
-               "softmax+fm": {0: run([0.3, 0.2], grid=(0.05, 0.5)), 1: run([0.3, 0.2], grid=(0.05, 0.5))}}
+               "softmax+fm": {0: run([0.3, 0.2], flow), 1: run([0.3, 0.2], flow)}}
     per_t = compare.paired_per_timestep(results, {"cog": "softmax", "softmax+fm": "softmax"})
     assert list(per_t) == ["cog"]  # another objective's grid lies at other noise levels: no per-timestep pairing
     assert per_t["cog"]["diffs"] == {0: pytest.approx([-0.1, 0.1]), 1: pytest.approx([-0.5, 0.1])}
