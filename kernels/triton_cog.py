@@ -342,6 +342,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _launch(name: str, q: Tensor, kind: str) -> tuple:
     """The kernel to launch and its block arguments: the tuned config of this bucket, else autotuning's (or FIXED)."""
     kernel, _, default, blocks = _KERNELS[name]
+    if not _tuned:  # no tuning file (the shipped one is empty): skip the key's work on every call
+        return default, blocks
     config = _tuned.get(tuned_key(name, kind, q.dtype, q.shape[-1]))
     if config is None or (_tuned_capability is not None and _capability(q.device) != _tuned_capability):
         return default, blocks
