@@ -267,7 +267,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"compare.py: verdict={cfg.verdict!r}: choose one of {VERDICTS}")
     if not Path(cfg.reference).exists():
         raise SystemExit(f"compare.py: reference={cfg.reference!r} does not exist; give FID statistics (.npz with "
-                         "mu, sigma, e.g. from `python eval/evaluate.py`), an .npz of images or an image folder")
+                         "mu, sigma, e.g. from `python eval/score.py`), an .npz of images or an image folder")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "compare.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results: dict[str, dict[int, dict]] = {name: {} for name in specs}

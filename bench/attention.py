@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import uvit_cog.kernels.cpu as cpu_kernels
 
+import uvit_cog.kernels.cpu as cpu_kernels
 from uvit_cog import attention_variants, cog_attention
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,6 +1,6 @@
 """Everything that needs a CUDA GPU, as one command of at most 8 minutes, with a report.
 
-    python bench/gpu.py              # one H100/H200: runs/gpu/gpu_report.{json,md}, kernels/tuned_blocks.json
+    python bench/gpu.py              # one H100/H200: runs/gpu/gpu_report.{json,md}, uvit_cog/kernels/tuned_blocks.json
     python bench/gpu.py --dry-run    # the same code paths on the CPU at tiny shapes, Triton interpreted (< 1 min)
 
 Sections, in this order, each under its own time limit: what does not fit is skipped and named in the
@@ -10,7 +10,7 @@ report (the suite never overruns), and a section that raises is reported as an e
                per kernel (forward, dK/dV, dQ), kind, dtype and head-dim bucket (BLOCK_D 64 and 128), timed
                at the U-ViT attention shape of that bucket, one kernel after the other (forward alone first,
                then dK/dV and dQ in forward+backward with the others at their best). The fastest go into
-               kernels/tuned_blocks.json, which the kernels launch instead of autotuning (on a GPU of the
+               uvit_cog/kernels/tuned_blocks.json, which the kernels launch instead of autotuning (on a GPU of the
                same compute capability). The kernels are first compiled by worker processes in parallel
                (into Triton's on-disk cache, at batch 1), then timed here one at a time.
   correctness  The Triton kernels of every kind against the float64 reference (`reference_attention`):
@@ -846,7 +846,7 @@ def main() -> None:
                         "dry run 1; 0: inline)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run (default 450)")
     parser.add_argument("--tuned-file", type=Path, default=None,
-                        help="where the tune section writes (default: the shipped kernels/tuned_blocks.json; "
+                        help="where the tune section writes (default: the shipped uvit_cog/kernels/tuned_blocks.json; "
                              "dry run: OUT/tuned_blocks.json)")
     args = parser.parse_args()
     sections = tuple(x.strip() for x in args.sections.split(",") if x.strip())

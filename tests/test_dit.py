@@ -1,6 +1,6 @@
 """DiT as a backbone (uvit_cog.dit, uvit_cog.backbones): DiT's published sizes, diffusers' DiT with one shared
 embedder, Cog placed with set_attention and kept through saves and copies, the pipeline on any DiT, and tiny
-DiT-S/2-shaped runs and their Cog twins through train.py, sample.py, eval/evaluate.py, compare.py and analyze.py."""
+DiT-S/2-shaped runs and their Cog twins through train.py, sample.py, eval/score.py, compare.py and analyze.py."""
 
 import copy
 import inspect
@@ -272,7 +272,7 @@ def test_pipeline_samples_an_unconditional_dit():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# train.py, sample.py, eval/evaluate.py, compare.py, analyze.py
+# train.py, sample.py, eval/score.py, compare.py, analyze.py
 
 
 @pytest.fixture(scope="module")
@@ -382,12 +382,12 @@ def test_sample_py_and_evaluate_py_accept_dit_runs(runs, model, reference_npz, t
     runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
     assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 2 class rows of 2 images
     record_path = tmp_path / "metrics.json"
-    argv = ["eval/evaluate.py", f"input={runs[model]}", "num_samples=4", "scheduler=ddim", "steps=2",
+    argv = ["eval/score.py", f"input={runs[model]}", "num_samples=4", "scheduler=ddim", "steps=2",
             "guidance=1.5", "sample_batch_size=4", "metrics=[fid]", "weights=offline", "progress=false",
             f"reference={reference_npz}", f"out={record_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     monkeypatch.setattr(sys, "argv", argv)
     with threadpool_limits(1, user_api="blas"):  # FID's 2048x2048 eigendecomposition
-        runpy.run_path(str(ROOT / "eval" / "evaluate.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "eval" / "score.py"), run_name="__main__")
     record = json.loads(record_path.read_text())
     assert record["input"]["kind"] == "model" and record["input"]["num_images"] == 4
     assert 0 < record["metrics"]["frechet_inception_distance"] < np.inf

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from uvit_cog.kernels import triton_cog
 
 ROOT = Path(__file__).resolve().parents[1]

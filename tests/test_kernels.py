@@ -14,13 +14,13 @@ import textwrap
 
 import pytest
 import torch
-import uvit_cog.kernels.cpu as cpu_kernels
-from uvit_cog.kernels import triton_cog
-from uvit_cog.kernels.cpu import attention_cpu, cog_attention_cpu
 
 import uvit_cog.attention as attention
+import uvit_cog.kernels.cpu as cpu_kernels
 from uvit_cog import Attention, cog_attention
 from uvit_cog.attention import reference_attention
+from uvit_cog.kernels import triton_cog
+from uvit_cog.kernels.cpu import attention_cpu, cog_attention_cpu
 
 KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
 

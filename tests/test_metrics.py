@@ -1,5 +1,5 @@
 """Metrics: the offline Inception conversion, FID/KID maths on real CIFAR-10 features, statistics files,
-input kinds and bad inputs, a model sampled then measured (sampling.sample_and_evaluate, eval/evaluate.py),
+input kinds and bad inputs, a model sampled then measured (sampling.sample_and_evaluate, eval/score.py),
 the layering. Inception runs at ~20 images/s on these CPUs, so features of 56 images are extracted once per
 session and the maths is tested on them."""
 
@@ -288,11 +288,11 @@ def test_sample_and_evaluate_samples_then_measures(tmp_path, weights, stats, run
 
 def test_evaluate_py_samples_a_model_with_the_sample_py_vocabulary(tmp_path, weights, run_dir, monkeypatch):
     out = tmp_path / "metrics.json"
-    argv = ["eval/evaluate.py", f"input={run_dir}", "num_samples=4", "scheduler=ddim", "steps=2", "guidance=1.5",
+    argv = ["eval/score.py", f"input={run_dir}", "num_samples=4", "scheduler=ddim", "steps=2", "guidance=1.5",
             "classes=1", "sample_batch_size=2", "metrics=[fid]", f"weights={weights.path}", "progress=false",
             f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(ROOT / "eval" / "evaluate.py"), run_name="__main__")  # `python eval/evaluate.py ...`
+    runpy.run_path(str(ROOT / "eval" / "score.py"), run_name="__main__")  # `python eval/score.py ...`
     record = json.loads(out.read_text())
     assert record["input"] | {"spec": str(run_dir), "kind": "model", "num_images": 4} == record["input"]
     assert record["sampler"]["classes"] == [1] and record["sampler"]["steps"] == 2

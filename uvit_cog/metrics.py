@@ -113,7 +113,7 @@ def load_statistics(path: str | Path) -> Statistics:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"statistics file {path} not found: make one with `python eval/evaluate.py input=IMAGES save_stats={path}`"
+            f"statistics file {path} not found: make one with `python eval/score.py input=IMAGES save_stats={path}`"
         )
     with open_npz(path) as data:
         if not {"mu", "sigma"} <= set(data.files):
@@ -271,7 +271,7 @@ def compute_metrics(
         raise ValueError(f"{source}: a statistics file can only be the reference")
     if kind == "model":
         raise ValueError(
-            f"{source} is a model directory: sample it first (eval/evaluate.py input=MODEL num_samples=N does, "
+            f"{source} is a model directory: sample it first (eval/score.py input=MODEL num_samples=N does, "
             "or uvit_cog.sampling.sample_and_evaluate)"
         )
     images = load_images(source, num_samples)

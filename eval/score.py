@@ -1,8 +1,8 @@
 """Evaluate images or a model against a reference: FID, KID, IS, precision/recall (torch-fidelity).
 
-    python eval/evaluate.py input=samples/ reference=stats/cifar10_train.npz weights=offline
-    python eval/evaluate.py input=../shared/data/cifar10.npz:x_train save_stats=stats/cifar10_train.npz
-    python eval/evaluate.py input=runs/cifar10 num_samples=10000 scheduler=dpm_solver steps=50 reference=...
+    python eval/score.py input=samples/ reference=stats/cifar10_train.npz weights=offline
+    python eval/score.py input=../shared/data/cifar10.npz:x_train save_stats=stats/cifar10_train.npz
+    python eval/score.py input=runs/cifar10 num_samples=10000 scheduler=dpm_solver steps=50 reference=...
 
 A model input (pipeline or training-run directory) is sampled first (`uvit_cog.sampling.sample_and_evaluate`),
 with the sampling options of sample.py (scheduler, steps, guidance, classes). Prints a table and writes the
