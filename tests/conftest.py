@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from uvit_cog import UViTModel, UViTPipeline
 from uvit_cog.checkpoints import list_checkpoints
@@ -93,6 +94,47 @@ def tiny_vae_dir(path: Path) -> Path:
         sample_size=16,
     )
     vae.save_pretrained(path)
+    return path
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny CLIP models, built here: nothing is downloaded, and they load through the same code path as real ones.
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2's `bytes_to_unicode`), in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer without merges: every byte is a token (514 ids with <|startoftext|> and <|endoftext|>).
+
+    It lowercases, splits and pads like CLIP's own, so prompts of any text tokenize; only the vocabulary is small.
+    """
+    alphabet = _byte_level_alphabet()
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def tiny_clip_text_config(hidden_size: int = 32, **overrides) -> CLIPTextConfig:
+    """A 2-layer CLIP text model's config over `tiny_clip_tokenizer`'s vocabulary, 77 positions as CLIP's."""
+    tok = tiny_clip_tokenizer()
+    return CLIPTextConfig(**{
+        "vocab_size": len(tok), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        **overrides})
+
+
+def save_tiny_clip_text(path: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A random CLIP text model and its tokenizer saved as a text-encoder folder: `path/text_encoder`,
+    `path/tokenizer` (the layout of a diffusers pipeline, and what `from_pretrained` of each reads)."""
+    torch.manual_seed(seed)
+    CLIPTextModel(tiny_clip_text_config(hidden_size)).eval().save_pretrained(path / "text_encoder")
+    tiny_clip_tokenizer().save_pretrained(path / "tokenizer")
     return path
 
 
