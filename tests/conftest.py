@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from uvit_cog import UViTModel, UViTPipeline
+from uvit_cog import UViTModel, UViTPipeline, UViTText2ImagePipeline
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.images import load_npz_arrays
 from uvit_cog.schedule import make_scheduler, scheduler_config
@@ -136,6 +136,22 @@ def save_tiny_clip_text(path: Path, hidden_size: int = 32, seed: int = 0) -> Pat
     CLIPTextModel(tiny_clip_text_config(hidden_size)).eval().save_pretrained(path / "text_encoder")
     tiny_clip_tokenizer().save_pretrained(path / "tokenizer")
     return path
+
+
+
+def tiny_t2i_pipeline(scheduler: str = "ddim", vae: AutoencoderKL | None = None, num_text_tokens: int = 8,
+                      **overrides) -> UViTText2ImagePipeline:
+    """A `UViTText2ImagePipeline` around a tiny text-conditional `UViTModel` (8x8, 2 blocks, seed 0) and a tiny
+    random CLIP text model (width 32) with `tiny_clip_tokenizer`; linear schedule, progress bar off."""
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_clip_text_config()).eval()
+    in_channels = vae.config.latent_channels if vae is not None else 3
+    model = tiny_model(num_classes=0, text_dim=32, num_text_tokens=num_text_tokens, in_channels=in_channels,
+                       **overrides)
+    pipe = UViTText2ImagePipeline(model, make_scheduler(scheduler, scheduler_config("linear", "epsilon")), vae,
+                                  text_encoder, tiny_clip_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------------------

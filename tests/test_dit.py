@@ -29,7 +29,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from uvit_cog import load_model, load_pipeline, set_attention
-from uvit_cog.backbones import backbone_arguments, num_classes
+from uvit_cog.backbones import backbone_arguments, build_backbone, condition_kind, num_classes
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.dit import DIT_PRESETS, DiTModel, SharedEmbedder, build_dit
 from uvit_cog.model import num_parameters
@@ -130,6 +130,16 @@ def test_presets_and_backbone_arguments():
 
 # ----------------------------------------------------------------------------------------------------------
 # DiTModel: diffusers' DiT, trained as DiT
+
+
+def test_dit_is_class_conditional_only_and_says_so():
+    model = tiny_dit()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="class-conditional only"):
+        model(x, torch.tensor([1, 2]), encoder_hidden_states=torch.randn(2, 77, 32))
+    with pytest.raises(ValueError, match="backbone=dit is not text-conditional"):
+        build_backbone("dit", **DIT_PRESETS["dit-s2"], sample_size=8, in_channels=3, num_classes=3, text_dim=768)
+    assert condition_kind(model.config) == "class" and condition_kind(tiny_dit(num_classes=0).config) == "none"
 
 
 def test_dit_model_is_diffusers_dit_with_one_shared_embedder():

@@ -11,7 +11,7 @@ from .attention import (
 )
 from .dit import DiTModel
 from .model import PRESETS, UViTModel, UViTModelOutput
-from .pipeline import UViTPipeline, load_pipeline
+from .pipeline import UViTPipeline, UViTText2ImagePipeline, load_pipeline
 from .processors import load_model, set_attention
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "UViTModel",
     "UViTModelOutput",
     "UViTPipeline",
+    "UViTText2ImagePipeline",
     "attention_variants",
     "capture_attention",
     "cog_attention",

@@ -4,9 +4,10 @@
     uvit   UViTModel(**kwargs)       uvit_cog.model.PRESETS          U-ViT-S ... U-ViT-H (Bao et al. 2022)
     dit    uvit_cog.dit.build_dit    uvit_cog.dit.DIT_PRESETS        DiT-S/2 ... DiT-XL/8 (Peebles & Xie 2023)
 
-train.py maps its `model` config group onto these (`backbone_arguments`, `build_backbone`); the pipeline and the
-training loop call every backbone the same way, `model(x, t, class_labels=labels).sample`, with labels in
-[0, num_classes] (`num_classes` the null label) or None (the null label; nothing for unconditional models).
+train.py maps its `model` config group onto these (`backbone_arguments`, `build_backbone`); the pipelines and the
+training loop call every backbone the same way, `model(x, t, **condition).sample`, with the condition as named
+fields (`uvit_cog.conditioning`): `class_labels` in [0, num_classes] (`num_classes` the null label), or
+`encoder_hidden_states` for text-conditional U-ViTs (DiT is class-conditional only), or nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from .model import PRESETS, UViTModel
 
 @dataclass(frozen=True)
 class Backbone:
-    """A trainable backbone: its builder (explicit keyword arguments) and its named sizes."""
+    """A trainable backbone: its builder (explicit keyword arguments), its named sizes and the condition kinds
+    (`uvit_cog.conditioning`) it can take."""
 
     build: Callable[..., ModelMixin]
     presets: Mapping[str, Mapping[str, Any]]
+    conditions: tuple[str, ...]
 
 
 BACKBONES: dict[str, Backbone] = {
-    "uvit": Backbone(build=UViTModel, presets=PRESETS),
-    "dit": Backbone(build=build_dit, presets=DIT_PRESETS),
+    "uvit": Backbone(build=UViTModel, presets=PRESETS, conditions=("none", "class", "text")),
+    "dit": Backbone(build=build_dit, presets=DIT_PRESETS, conditions=("none", "class")),
 }
 DEFAULT_BACKBONE = "uvit"  # model configs without a `backbone` field (every U-ViT config, runs saved before DiT)
 
@@ -57,6 +60,10 @@ def build_backbone(name: str, **kwargs: Any) -> ModelMixin:
     """A freshly initialised backbone `name` built from explicit arguments (see `backbone_arguments`)."""
     if name not in BACKBONES:
         raise ValueError(f"backbone={name!r}: choose one of {sorted(BACKBONES)}")
+    if kwargs.get("text_dim") and "text" not in BACKBONES[name].conditions:
+        raise ValueError(f"backbone={name} is not text-conditional (it takes {BACKBONES[name].conditions}): train "
+                         "text-to-image models with backbone=uvit, or set text_dim=0")
+    kwargs = {k: v for k, v in kwargs.items() if k != "text_dim" or v}  # text_dim=0 means "no text": any backbone
     return BACKBONES[name].build(**kwargs)
 
 
@@ -73,4 +80,13 @@ def num_classes(config: Mapping[str, Any]) -> int:
     return int(value)
 
 
-__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "backbone_arguments", "build_backbone", "num_classes"]
+def condition_kind(config: Mapping[str, Any]) -> str:
+    """The condition kind of a backbone's config: "class" (real classes > 0), "text" (a U-ViT with text_dim > 0)
+    or "none" — the one place that reads it off a config (`uvit_cog.conditioning` for what each kind carries)."""
+    if config.get("text_dim"):
+        return "text"
+    return "class" if num_classes(config) else "none"
+
+
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "backbone_arguments", "build_backbone", "condition_kind",
+           "num_classes"]

@@ -167,8 +167,15 @@ class DiTModel(DiTTransformer2DModel):
         class_labels: Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        encoder_hidden_states: Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[Tensor]:
-        """diffusers' DiT forward; `class_labels` (B,) in [0, num_classes], None meaning the null label."""
+        """diffusers' DiT forward; `class_labels` (B,) in [0, num_classes], None meaning the null label.
+
+        DiT is class-conditional only: `encoder_hidden_states` (text features) is refused, not ignored.
+        """
+        if encoder_hidden_states is not None:
+            raise ValueError("DiTModel is class-conditional only and takes no encoder_hidden_states (text); use a "
+                             "text-conditional UViTModel (text_dim > 0) for text-to-image")
         if class_labels is None:
             class_labels = torch.full((hidden_states.shape[0],), self.num_classes, device=hidden_states.device,
                                       dtype=torch.long)

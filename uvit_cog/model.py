@@ -1,9 +1,16 @@
 """U-ViT (Bao et al. 2022) as a diffusers model, with any registered attention kind per block (U-ViC: Cog).
 
-The architecture and parameter names follow the official `libs/uvit.py` (baofff/U-ViT) so that the
-released checkpoints load with a key-for-key copy: tokens are [label token, time token, patches]
-plus a learned position embedding; depth//2 in-blocks, a mid-block and depth//2 out-blocks that
-fuse the matching in-block's output through a long skip (Linear(2D→D) on the concatenation).
+The architecture and parameter names follow the official `libs/uvit.py` and `libs/uvit_t2i.py` (baofff/U-ViT)
+so that the released checkpoints load with a key-for-key copy: depth//2 in-blocks, a mid-block and depth//2
+out-blocks that fuse the matching in-block's output through a long skip (Linear(2D→D) on the concatenation),
+over tokens plus a learned position embedding. The condition enters as tokens (`CONDITION_TOKENS`):
+
+    unconditional        [time, patches]
+    class-conditional    [label, time, patches]              label_emb: Embedding(num_classes + 1, D)
+    text-conditional     [time, text_1 … text_L, patches]    context_embed: Linear(text_dim, D), all L tokens
+
+`timestep_offset` is added to the timestep before the sinusoid: U-ViT's latent models were trained on the
+1-indexed discrete time n = t + 1 of diffusers' t (`uvit_cog.official`), so they are built with offset 1.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ PRESETS: dict[str, dict] = {
     "uvit-large": dict(embed_dim=1024, depth=20, num_heads=16),
     "uvit-huge": dict(embed_dim=1152, depth=28, num_heads=16),
 }
+# The MS-COCO text-to-image models (U-ViT's `configs/mscoco_uvit_small.py`, and `depth=16` for S/2-deep): 256²
+# images as 32² Stable Diffusion latents, CLIP ViT-L/14's 77 × 768 text features, 1-indexed network time.
+_MSCOCO = dict(sample_size=32, patch_size=2, in_channels=4, text_dim=768, num_text_tokens=77, timestep_offset=1)
+PRESETS["uvit-small-mscoco"] = {**PRESETS["uvit-small"], **_MSCOCO}
+PRESETS["uvit-small-deep-mscoco"] = {**PRESETS["uvit-small-deep"], **_MSCOCO}
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -126,6 +138,23 @@ def resolve_attention_types(
     return types
 
 
+@dataclass(frozen=True)
+class ConditionTokens:
+    """How one kind of condition enters U-ViT as tokens: the forward argument that carries it, the module that
+    embeds it (named as in the official code, so official state dicts load), and where its tokens go."""
+
+    argument: str
+    module: str
+    before_time: bool  # the official order: a label token precedes the time token, text tokens follow it
+
+
+# Condition kind (`uvit_cog.conditioning`) -> its tokens. A new kind adds a row here and its embedder in __init__.
+CONDITION_TOKENS: dict[str, ConditionTokens] = {
+    "class": ConditionTokens("class_labels", "label_emb", before_time=True),
+    "text": ConditionTokens("encoder_hidden_states", "context_embed", before_time=False),
+}
+
+
 @dataclass
 class UViTModelOutput(BaseOutput):
     """The model's prediction (noise, velocity or sample, as the scheduler config defines), (B, C, H, W)."""
@@ -134,7 +163,8 @@ class UViTModelOutput(BaseOutput):
 
 
 class UViTModel(ModelMixin, ConfigMixin):
-    """U-ViT / U-ViC diffusion backbone.
+    """U-ViT / U-ViC diffusion backbone: unconditional, class-conditional (`num_classes`) or text-conditional
+    (`text_dim`, `num_text_tokens`).
 
     `attention_type="cog"` gives U-ViC: Cog attention in every block except those in
     `softmax_layers` (default: the first in-block and the last out-block, as in the paper). Any
@@ -142,11 +172,16 @@ class UViTModel(ModelMixin, ConfigMixin):
     `attention_layers` gives chosen blocks other kinds, e.g. `{"gated": [3, 4], "softmax": "first_last"}`.
     `num_classes` counts the real classes; label `num_classes` is the null class used for
     classifier-free guidance (the official code's `num_classes` counts it too: 1001 for ImageNet).
+    A text-conditional model takes `encoder_hidden_states` (B, num_text_tokens, text_dim), e.g. CLIP's last
+    hidden state; its unconditional input is the empty prompt's features (`uvit_cog.text`).
 
     Example:
         >>> model = UViTModel.from_preset("uvit-small", sample_size=32, patch_size=2)
         >>> model(torch.randn(2, 3, 32, 32), 500).sample.shape
         torch.Size([2, 3, 32, 32])
+        >>> t2i = UViTModel.from_preset("uvit-small-mscoco")
+        >>> t2i(torch.randn(2, 4, 32, 32), 500, encoder_hidden_states=torch.randn(2, 77, 768)).sample.shape
+        torch.Size([2, 4, 32, 32])
     """
 
     _supports_gradient_checkpointing = True
@@ -169,6 +204,9 @@ class UViTModel(ModelMixin, ConfigMixin):
         softmax_layers: str | list[int] = "first_last",
         attention_layers: Mapping[str, str | list[int]] | None = None,
         id2label: Mapping[int | str, str] | None = None,
+        text_dim: int = 0,
+        num_text_tokens: int = 77,
+        timestep_offset: int = 0,
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -179,6 +217,12 @@ class UViTModel(ModelMixin, ConfigMixin):
             raise ValueError(f"depth must be an even number >= 2 (in-blocks + out-blocks), got {depth}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        if text_dim < 0 or (text_dim and num_text_tokens < 1):
+            raise ValueError(f"a text-conditional model needs text_dim > 0 and num_text_tokens >= 1, got text_dim="
+                             f"{text_dim}, num_text_tokens={num_text_tokens} (text_dim=0: not text-conditional)")
+        if num_classes and text_dim:
+            raise ValueError(f"num_classes={num_classes} and text_dim={text_dim}: a model has one condition, classes "
+                             "or text; set the other to 0")
         if id2label is not None and len(id2label) != num_classes:
             raise ValueError(f"id2label has {len(id2label)} names but the model has num_classes={num_classes}")
         if id2label is not None:
@@ -201,10 +245,16 @@ class UViTModel(ModelMixin, ConfigMixin):
             if mlp_time_embed
             else nn.Identity()
         )
-        self.extras = 1
-        if num_classes > 0:
+        # The condition's embedder, under the official parameter name (`CONDITION_TOKENS`).
+        self.condition = "class" if num_classes else "text" if text_dim else None
+        condition_tokens = 0
+        if self.condition == "class":
             self.label_emb = nn.Embedding(num_classes + 1, embed_dim)
-            self.extras = 2
+            condition_tokens = 1
+        elif self.condition == "text":
+            self.context_embed = nn.Linear(text_dim, embed_dim)
+            condition_tokens = num_text_tokens
+        self.extras = 1 + condition_tokens  # tokens before the patches, dropped from the output
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
         half = depth // 2
@@ -249,38 +299,32 @@ class UViTModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> UViTModel:
-        """Build a published U-ViT size (`uvit-small`, …, `uvit-huge`), with any config field overridden."""
+        """Build a published U-ViT size (`uvit-small`, …, `uvit-huge`; `uvit-small-mscoco` and
+        `uvit-small-deep-mscoco` are the whole MS-COCO text-to-image models), with any config field overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_official_state_dict(cls, state_dict: Mapping[str, Tensor], **config) -> UViTModel:
-        """Load a state dict of the official U-ViT (`libs/uvit.py`), e.g. a released U-ViT or U-ViC checkpoint.
+        """Load a state dict of the official U-ViT (`libs/uvit.py`, `libs/uvit_t2i.py`) or U-ViC (CogAttn's
+        `U-ViC/libs/uvit_t2i.py`), e.g. a released checkpoint, into the model the official code builds.
 
-        `config` holds this model's arguments (`num_classes` without the null class). Official
-        constructor names are accepted too (`img_size`, `in_chans`, `conv`, and `num_classes`
-        counting the null class, -1 for unconditional), so an official config dict can be passed as is.
-        Shapes are checked against the config; missing or unexpected tensors raise.
+        `config` is the official constructor's kwargs as the official config passes them (`img_size`,
+        `in_chans`, `conv`, `num_classes` counting the null class, `clip_dim`, `num_clip_token`, CogAttn's
+        `np`, …; `official_kwargs`) or this model's own arguments. The attention is the official model's:
+        softmax in every block, or with `np=True` Cog in every block but `in_blocks[0]` and `out_blocks[-1]`;
+        an explicit `attention_type` (with `softmax_layers` / `attention_layers`) wins. Shapes are checked
+        against the config; missing or unexpected tensors raise.
         """
-        config = dict(config)
-        renames = {"img_size": "sample_size", "in_chans": "in_channels", "conv": "final_conv"}
-        official = any(key in config for key in renames)
-        for old, new in renames.items():
-            if old in config:
-                config[new] = config.pop(old)
-        for key in ("qk_scale", "use_checkpoint", "skip", "norm_layer"):
-            config.pop(key, None)
-        if official and "num_classes" in config:
-            config["num_classes"] = max(int(config["num_classes"]) - 1, 0)
-        model = cls(**config)
+        model = cls(**official_kwargs(config))
         own = model.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
         if missing or unexpected:
             raise ValueError(
                 f"state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                "(check num_classes, mlp_time_embed, final_conv/conv and depth)"
+                "(check num_classes, clip_dim/text_dim, mlp_time_embed, final_conv/conv and depth)"
             )
         wrong = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
                  if tuple(state_dict[k].shape) != tuple(v.shape)]
@@ -289,7 +333,8 @@ class UViTModel(ModelMixin, ConfigMixin):
         model.load_state_dict(dict(state_dict))
         return model
 
-    def _check_inputs(self, sample: Tensor, class_labels: Tensor | None) -> None:
+    def _check_inputs(self, sample: Tensor, class_labels: Tensor | None,
+                      encoder_hidden_states: Tensor | None) -> None:
         cfg = self.config
         if sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -301,8 +346,9 @@ class UViTModel(ModelMixin, ConfigMixin):
                 f"{cfg.sample_size}x{cfg.sample_size} (its position embedding is fixed)"
             )
         if class_labels is not None:
-            if cfg.num_classes == 0:
-                raise ValueError("class_labels given to an unconditional model (num_classes=0)")
+            if self.condition != "class":
+                kind = "a text-conditional" if self.condition == "text" else "an unconditional"
+                raise ValueError(f"class_labels given to {kind} model (num_classes=0)")
             # Data-dependent check: skipped while tracing (torch.compile) to keep the graph whole.
             if not torch.compiler.is_compiling() and (
                 int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.num_classes
@@ -311,6 +357,20 @@ class UViTModel(ModelMixin, ConfigMixin):
                     f"class label out of range: labels must be in [0, {cfg.num_classes}) or the null "
                     f"label {cfg.num_classes}; got min {int(class_labels.min())}, max {int(class_labels.max())}"
                 )
+        if self.condition == "text":
+            expected = (sample.shape[0], cfg.num_text_tokens, cfg.text_dim)
+            if encoder_hidden_states is None:
+                raise ValueError(
+                    "this text-conditional model needs encoder_hidden_states (B, L, C) = "
+                    f"(B, {cfg.num_text_tokens}, {cfg.text_dim}); its unconditional input is the empty prompt's "
+                    "features (uvit_cog.text.TextEncoder.encode(['']))")
+            if tuple(encoder_hidden_states.shape) != expected:
+                raise ValueError(
+                    f"encoder_hidden_states is {tuple(encoder_hidden_states.shape)} but this model takes {expected}: "
+                    f"{cfg.num_text_tokens} tokens (padded to that length, as CLIP's tokenizer does with "
+                    f"padding='max_length') of width {cfg.text_dim} (the text encoder's hidden size)")
+        elif encoder_hidden_states is not None:
+            raise ValueError("encoder_hidden_states given to a model that is not text-conditional (text_dim=0)")
 
     def forward(
         self,
@@ -318,28 +378,36 @@ class UViTModel(ModelMixin, ConfigMixin):
         timestep: Tensor | float | int,
         class_labels: Tensor | None = None,
         return_dict: bool = True,
+        encoder_hidden_states: Tensor | None = None,
     ) -> UViTModelOutput | tuple[Tensor]:
         """Predict from noisy `sample` (B, C, H, W) at `timestep` (number, 0-d or (B,) tensor).
 
-        `class_labels` (B,) ints in [0, num_classes], where `num_classes` is the null label; for a
-        class-conditional model a missing `class_labels` means unconditional (all null labels).
+        The condition: `class_labels` (B,) ints in [0, num_classes], where `num_classes` is the null label
+        (for a class-conditional model a missing `class_labels` means unconditional: all null labels), or
+        `encoder_hidden_states` (B, num_text_tokens, text_dim) for a text-conditional model.
         """
         cfg = self.config
-        if cfg.num_classes > 0 and class_labels is None:
+        if self.condition == "class" and class_labels is None:
             class_labels = torch.full((sample.shape[0],), cfg.num_classes, device=sample.device, dtype=torch.long)
-        self._check_inputs(sample, class_labels)
+        self._check_inputs(sample, class_labels, encoder_hidden_states)
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(B) if t.dim() == 0 else t
         if t.shape != (B,):
             raise ValueError(f"timestep must be a number, a 0-d tensor or a ({B},) tensor, got {tuple(t.shape)}")
+        if cfg.timestep_offset:
+            t = t + cfg.timestep_offset
 
         x = self.patch_embed(sample)
         time_token = self.time_embed(timestep_embedding(t, cfg.embed_dim).to(x.dtype)).unsqueeze(1)
-        tokens = [time_token, x]
-        if class_labels is not None:
-            tokens.insert(0, self.label_emb(class_labels).unsqueeze(1))
-        x = torch.cat(tokens, dim=1) + self.pos_embed
+        tokens = [time_token]
+        if self.condition is not None:
+            spec = CONDITION_TOKENS[self.condition]
+            value = {"class_labels": class_labels, "encoder_hidden_states": encoder_hidden_states}[spec.argument]
+            embedded = getattr(self, spec.module)(value.to(x.dtype) if value.is_floating_point() else value)
+            embedded = embedded.reshape(B, -1, cfg.embed_dim)
+            tokens.insert(0 if spec.before_time else 1, embedded)
+        x = torch.cat([*tokens, x], dim=1) + self.pos_embed
 
         run = self._run_block
         skips = []
@@ -363,12 +431,43 @@ class UViTModel(ModelMixin, ConfigMixin):
         return blk(x, skip)
 
 
+# The official constructor's argument names -> this model's. Any of them (or CogAttn's `np`) marks official kwargs.
+OFFICIAL_NAMES = {"img_size": "sample_size", "in_chans": "in_channels", "conv": "final_conv", "clip_dim": "text_dim",
+                  "num_clip_token": "num_text_tokens"}
+# Official arguments with no counterpart here: they change nothing the weights or the outputs depend on.
+OFFICIAL_IGNORED = ("qk_scale", "use_checkpoint", "skip", "norm_layer", "name")
+
+
+def official_kwargs(config: Mapping) -> dict:
+    """`UViTModel` arguments of an official U-ViT / U-ViC constructor config (or of this model's own arguments).
+
+    Renames official arguments (`OFFICIAL_NAMES`), counts `num_classes` without the null class when the config
+    is official (the official count includes it; -1 there means unconditional), and sets the official attention
+    unless `attention_type` is given: softmax everywhere, or with CogAttn's `np=True` Cog in every block but
+    the first in-block and the last out-block.
+    """
+    config = dict(config)
+    is_official = "np" in config or any(key in config for key in OFFICIAL_NAMES)
+    cog = bool(config.pop("np", False))
+    for old, new in OFFICIAL_NAMES.items():
+        if old in config:
+            config[new] = config.pop(old)
+    for key in OFFICIAL_IGNORED:
+        config.pop(key, None)
+    if is_official and "num_classes" in config:
+        config["num_classes"] = max(int(config["num_classes"]) - 1, 0)
+    if "attention_type" not in config:
+        config["attention_type"] = "cog" if cog else "softmax"
+        config.setdefault("softmax_layers", "first_last" if cog else "all")
+    return config
+
+
 def num_parameters(model: nn.Module) -> int:
     """The number of parameters, as the official U-ViT reports it."""
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = [
-    "UViTModel", "UViTModelOutput", "PRESETS", "timestep_embedding", "resolve_layers", "resolve_attention_types",
-    "num_parameters",
+    "UViTModel", "UViTModelOutput", "PRESETS", "CONDITION_TOKENS", "timestep_embedding", "resolve_layers",
+    "resolve_attention_types", "official_kwargs", "num_parameters",
 ]
