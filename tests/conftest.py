@@ -205,3 +205,131 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0.0, msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Captioned image sources and CLIP models for text-to-image (uvit_cog.captions, uvit_cog.clip_score)
+# (Imports here, not at the top, keep this block in one piece for the merge; move them up afterwards.)
+
+import json  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
+
+_WORDS = (("a red", "a small", "two", "an old", "a striped"), ("bus", "cat", "kite", "horse", "teapot"),
+          ("standing", "parked", "sleeping", "flying", "sitting"), ("on a street", "in a field", "near the sea",
+          "on a table", "under a tree"))
+
+
+def _caption(rng: np.random.Generator) -> str:
+    return " ".join(words[rng.integers(len(words))] for words in _WORDS) + "."
+
+
+def _random_image(rng: np.random.Generator, mode: str = "RGB") -> Image.Image:
+    """Random pixels of a random non-square size (16..47 pixels a side)."""
+    h = int(rng.integers(16, 48))
+    w = h + int(rng.integers(1, 16)) * (1 if rng.random() < 0.5 else -1)
+    image = Image.fromarray(rng.integers(0, 256, (h, max(w, 8), 3), dtype=np.uint8))
+    return image.convert(mode)
+
+
+class CaptionedFixture(NamedTuple):
+    """A fixture folder and what a reader should find in it: (file relative to `root`, captions) in order."""
+
+    root: Path
+    items: dict[str, list[tuple[str, list[str]]]] | list[tuple[str, list[str]]]
+
+
+def make_coco_fixture(root: Path, sizes: tuple[int, int] = (6, 4), uncaptioned: int = 1,
+                      seed: int = 0) -> CaptionedFixture:
+    """A tiny MS-COCO 2014 download: `root/{train,val}2014/COCO_*.jpg` (random non-square JPEGs) and
+    `root/annotations/captions_{train,val}2014.json` with COCO's structure (`info`, `images` with id, file_name,
+    width, height, `annotations` with image_id, id, caption, `licenses`).
+
+    `sizes` captioned images per split get 1..7 captions each, plus `uncaptioned` images per split that no
+    annotation names. The files list images out of id order and interleave the images' annotations, whose ids
+    follow no order; each image's captions are in `items`' order in the file. `items` maps each split to the
+    expected (file_name, captions), sorted by image id.
+    """
+    rng = np.random.default_rng(seed)
+    expected, next_ann = {}, 1
+    for split, count in zip(("train2014", "val2014"), sizes, strict=True):
+        (root / split).mkdir(parents=True)
+        ids = sorted(rng.choice(np.arange(1, 600_000), size=count + uncaptioned, replace=False).tolist())
+        images, annotations, items = [], [], []
+        for n, image_id in enumerate(ids):
+            name = f"COCO_{split}_{image_id:012d}.jpg"
+            image = _random_image(rng)
+            image.save(root / split / name, quality=95)
+            images.append({"license": 1, "file_name": name, "coco_url": "", "height": image.height,
+                           "width": image.width, "date_captured": "2013-11-14 11:18:45", "id": image_id})
+            if n < uncaptioned:
+                continue
+            captions = [_caption(rng) for _ in range(int(rng.integers(1, 8)))]
+            annotations.extend({"image_id": image_id, "caption": caption} for caption in captions)
+            items.append((name, captions))
+        expected[split] = items  # ids were drawn sorted
+        order = rng.permutation(len(annotations))  # interleaved: each image's captions keep their order
+        by_image: dict[int, list[dict]] = {}
+        for ann in annotations:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        queues = [by_image[annotations[i]["image_id"]] for i in order]
+        shuffled = [queue.pop(0) for queue in queues]
+        for ann, ann_id in zip(shuffled, rng.permutation(len(shuffled)).tolist(), strict=True):
+            ann["id"] = next_ann + ann_id  # ids in no order: captions are read in the file's order, as pycocotools
+        next_ann += len(shuffled)
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({
+            "info": {"description": "tiny COCO-like fixture", "year": 2014}, "licenses": [{"id": 1, "name": "x"}],
+            "images": [images[i] for i in rng.permutation(len(images))], "annotations": shuffled}))
+    return CaptionedFixture(root, expected)
+
+
+def make_captioned_folder(root: Path, count: int = 6, unlisted: int = 1, seed: int = 0) -> CaptionedFixture:
+    """An image folder with a `metadata.jsonl` (`file_name`, `text`), as `datasets`' imagefolder reads it:
+    `count` captioned images of varied non-square sizes and modes (RGB, grayscale, RGBA, palette; PNG and JPEG),
+    every other one in the subfolder `more/`, every third with a list of captions, plus `unlisted` images that no
+    line names. `items` is the expected (file_name, captions) in line order."""
+    rng = np.random.default_rng(seed)
+    (root / "more").mkdir(parents=True)
+    modes, items = ("RGB", "L", "RGBA", "P"), []
+    for i in range(count):
+        name = f"more/{i:04d}.jpg" if i % 2 else f"{i:04d}.png"
+        mode = modes[i // 2 % len(modes)] if name.endswith(".png") else "RGB"
+        _random_image(rng, mode).save(root / name)
+        captions = [_caption(rng) for _ in range(int(rng.integers(2, 4)) if i % 3 == 0 else 1)]
+        items.append((name, captions))
+    for i in range(unlisted):
+        _random_image(rng).save(root / f"unlisted_{i}.png")
+    lines = [{"file_name": name, "text": caps if i % 3 == 0 else caps[0]} for i, (name, caps) in enumerate(items)]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return CaptionedFixture(root, items)
+
+
+def tiny_clip_processor(image_size: int = 32) -> CLIPProcessor:
+    """`tiny_clip_tokenizer` with a CLIP image processor (shortest side to `image_size`, centre crop, CLIP's
+    mean and std)."""
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tiny_clip_tokenizer())
+
+
+def tiny_clip(hidden_size: int = 32, projection_dim: int = 16, image_size: int = 32, seed: int = 0) -> CLIPModel:
+    """A random 2-layer CLIP model (text: `tiny_clip_text_config`; vision: 8-pixel patches of `image_size`)."""
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=8)
+    config = CLIPConfig(text_config=tiny_clip_text_config(hidden_size).to_dict(), vision_config=vision,
+                        projection_dim=projection_dim)
+    return CLIPModel(config).eval()
+
+
+def save_tiny_clip(path: Path, model: CLIPModel | None = None, image_size: int = 32) -> Path:
+    """A CLIP model folder laid out as `openai/clip-vit-large-patch14`: config.json and model.safetensors, the
+    image processor's preprocessor_config.json and the tokenizer's files side by side; `model` defaults to
+    `tiny_clip()`."""
+    (model or tiny_clip(image_size=image_size)).save_pretrained(path)
+    processor = tiny_clip_processor(image_size)
+    processor.image_processor.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    return path
