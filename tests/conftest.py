@@ -1,9 +1,11 @@
 """Fixtures and helpers shared by several test modules (helpers are imported: `from conftest import ...`)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -12,7 +14,15 @@ from diffusers import AutoencoderKL
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
 
 from uvit_cog import UViTModel, UViTPipeline, UViTText2ImagePipeline
 from uvit_cog.checkpoints import list_checkpoints
@@ -209,12 +219,6 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Captioned image sources and CLIP models for text-to-image (uvit_cog.captions, uvit_cog.clip_score)
-# (Imports here, not at the top, keep this block in one piece for the merge; move them up afterwards.)
-
-import json  # noqa: E402
-from typing import NamedTuple  # noqa: E402
-
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
 
 _WORDS = (("a red", "a small", "two", "an old", "a striped"), ("bus", "cat", "kite", "horse", "teapot"),
           ("standing", "parked", "sleeping", "flying", "sitting"), ("on a street", "in a field", "near the sea",
