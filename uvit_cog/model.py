@@ -9,8 +9,10 @@ over tokens plus a learned position embedding. The condition enters as tokens (`
     class-conditional    [label, time, patches]              label_emb: Embedding(num_classes + 1, D)
     text-conditional     [time, text_1 … text_L, patches]    context_embed: Linear(text_dim, D), all L tokens
 
-`timestep_offset` is added to the timestep before the sinusoid: U-ViT's latent models were trained on the
-1-indexed discrete time n = t + 1 of diffusers' t (`uvit_cog.official`), so they are built with offset 1.
+The network sees the time (t + `timestep_offset`) · `timestep_scale` for diffusers' timestep t: U-ViT's discrete
+latent models were trained on the 1-indexed time n = t + 1 (offset 1), its continuous-time models on 999·s for
+s ∈ (0, 1] (`uvit_cog.official` converts each); models trained here use offset 0 and scale 1 unless a recipe
+matches an official convention.
 """
 
 from __future__ import annotations
@@ -206,7 +208,8 @@ class UViTModel(ModelMixin, ConfigMixin):
         id2label: Mapping[int | str, str] | None = None,
         text_dim: int = 0,
         num_text_tokens: int = 77,
-        timestep_offset: int = 0,
+        timestep_offset: float = 0,
+        timestep_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -395,8 +398,8 @@ class UViTModel(ModelMixin, ConfigMixin):
         t = t.reshape(1).expand(B) if t.dim() == 0 else t
         if t.shape != (B,):
             raise ValueError(f"timestep must be a number, a 0-d tensor or a ({B},) tensor, got {tuple(t.shape)}")
-        if cfg.timestep_offset:
-            t = t + cfg.timestep_offset
+        if cfg.timestep_offset or cfg.timestep_scale != 1.0:  # the network's own time (module docstring)
+            t = (t + cfg.timestep_offset) * cfg.timestep_scale
 
         x = self.patch_embed(sample)
         time_token = self.time_embed(timestep_embedding(t, cfg.embed_dim).to(x.dtype)).unsqueeze(1)
