@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> None:
         if data.channels != model.config.in_channels:
             raise SystemExit(f"analyze.py: {cfg.images} has {data.channels} channels, model {name} expects "
                              f"{model.config.in_channels}")
-        x0 = torch.stack([data[i][0] for i in range(len(data))])
+        x0 = torch.stack([data[i]["x"] for i in range(len(data))])
         y = data.labels if model.config.num_classes > 0 and labels is not None else None
         schedule = make_objective(pipe.scheduler.config)  # DDPM or flow matching: the model's own noising
         attn = attention_statistics(model, x0, list(cfg.timesteps), schedule, y, cfg.seed)

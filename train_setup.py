@@ -17,7 +17,7 @@ import torch
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from omegaconf import DictConfig, OmegaConf
 
-from uvit_cog.backbones import backbone_arguments, build_backbone
+from uvit_cog.backbones import backbone_arguments, build_backbone, condition_kind, with_defaults
 from uvit_cog.checkpoints import TRAIN_STATE
 from uvit_cog.data import DATA_KINDS, VAL_SPLITS
 from uvit_cog.rundir import read_config
@@ -47,6 +47,11 @@ def model_kwargs(model: DictConfig | dict) -> tuple[str, dict]:
         raise ValueError(f"model.{e}") from e
 
 
+def model_condition(cfg: DictConfig) -> str:
+    """The condition kind ("none", "class", "text") of the config's model (`uvit_cog.backbones.condition_kind`)."""
+    return condition_kind(model_kwargs(cfg.model)[1])
+
+
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """The model the config describes, freshly initialised."""
     name, kwargs = model_kwargs(cfg.model)
@@ -71,11 +76,12 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
         raise ValueError(f"train.steps={t.steps}: set a positive number of optimiser steps")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay}: must be in [0, 1), e.g. 0.9999")
-    if not 0.0 <= t.label_dropout < 1.0:
-        raise ValueError(f"train.label_dropout={t.label_dropout}: must be in [0, 1), e.g. 0.1")
-    if t.label_dropout > 0 and cfg.model.num_classes == 0:
-        raise ValueError("train.label_dropout > 0 needs a class-conditional model: set train.label_dropout=0 "
-                         "or model.num_classes=data.num_classes")
+    if not 0.0 <= t.condition_dropout < 1.0:
+        raise ValueError(f"train.condition_dropout={t.condition_dropout}: must be in [0, 1), e.g. 0.1")
+    kind = model_condition(cfg)
+    if t.condition_dropout > 0 and kind == "none":
+        raise ValueError("train.condition_dropout > 0 needs a conditional model (classes or text): set "
+                         "train.condition_dropout=0, or model.num_classes=data.num_classes")
     if cfg.log.keep_checkpoints < 1:
         raise ValueError(f"log.keep_checkpoints={cfg.log.keep_checkpoints}: keep at least 1")
     try:
@@ -83,9 +89,9 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
     except ValueError as e:
         raise ValueError(f"diffusion: {e}") from e
     for group in ("sample", "fid"):
-        if cfg.model.num_classes == 0 and cfg[group].guidance != 1.0:
+        if kind == "none" and cfg[group].guidance != 1.0:
             raise ValueError(f"{group}.guidance must be 1.0 for an unconditional model "
-                             "(classifier-free guidance needs class labels)")
+                             "(classifier-free guidance needs class labels or text)")
         try:
             check_scheduler(cfg[group].scheduler, cfg.diffusion.objective)
         except ValueError as e:
@@ -209,7 +215,9 @@ def check_resumed_run(cfg: DictConfig) -> None:
 
 def _check_same_model(cfg: DictConfig, saved: dict) -> None:
     (old_backbone, old), (new_backbone, new) = model_kwargs(saved), model_kwargs(cfg.model)
-    old, new = {"backbone": old_backbone, **old}, {"backbone": new_backbone, **new}
+    # Arguments added since the run started (e.g. text_dim) compare at their defaults: the same model.
+    old = {"backbone": old_backbone, **with_defaults(old_backbone, old)}
+    new = {"backbone": new_backbone, **with_defaults(new_backbone, new)}
     if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
         raise ValueError(f"run_dir={cfg.run_dir} holds a run of another model (saved, now: {diff}): set another "

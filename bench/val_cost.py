@@ -29,8 +29,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from uvit_cog.conditioning import null_class_condition
 from uvit_cog.data import build_dataset, build_validation_dataset
-from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema, validation_images, validation_loss
+from uvit_cog.training import (
+    GlobalBatchRandom,
+    diffusion_loss,
+    prepare_batch,
+    update_ema,
+    validation_images,
+    validation_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EVERY = 5000  # conf/train.yaml's val.every
@@ -64,21 +72,22 @@ def main() -> None:
     _, objective = train.diffusion_setup(cfg)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dataset = build_dataset(data)
-    val_x0, val_labels = validation_images(build_validation_dataset(data), cfg.val.num_images, seed=cfg.val.seed)
     num_classes = cfg.model.num_classes
-    val_labels = val_labels if num_classes else None
+    kind = "class" if num_classes else "none"
+    val_x0, val_condition = validation_images(build_validation_dataset(data), cfg.val.num_images, kind,
+                                              seed=cfg.val.seed)
+    null = null_class_condition(num_classes, 1) if num_classes else None
     batch = cfg.train.batch_size
     step_index = 0
 
     def train_step() -> None:
         nonlocal step_index
         order = torch.randint(0, len(dataset), (batch,), generator=torch.Generator().manual_seed(step_index))
-        x, y = (torch.stack([torch.as_tensor(dataset[int(i)][k]) for i in order]) for k in (0, 1))
+        items = [dataset[int(i)] for i in order]
         rnd = GlobalBatchRandom(cfg.seed, step_index, 0, batch, batch, torch.device("cpu"))
-        if cfg.data.hflip:
-            x = torch.where(rnd.rand()[:, None, None, None] < 0.5, x.flip(-1), x)
-        labels = torch.where(rnd.rand() < cfg.train.label_dropout, num_classes, y) if num_classes else None
-        loss = diffusion_loss(model, objective, x, labels, rnd)
+        x, condition = prepare_batch({k: torch.stack([item[k] for item in items]) for k in items[0]}, rnd, kind,
+                                     hflip=cfg.data.hflip, dropout=cfg.train.condition_dropout, null=null)
+        loss = diffusion_loss(model, objective, x, condition, rnd)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
         optimizer.step()
@@ -87,7 +96,7 @@ def main() -> None:
         step_index += 1
 
     def validate() -> None:
-        validation_loss(ema, objective, val_x0, val_labels, cfg.val.num_timesteps, cfg.val.seed, cfg.val.batch_size)
+        validation_loss(ema, objective, val_x0, val_condition, cfg.val.num_timesteps, cfg.val.seed, cfg.val.batch_size)
 
     for _ in range(3):  # warm-up
         train_step()

@@ -28,6 +28,7 @@ from uvit_cog import UViTModel, UViTPipeline, UViTText2ImagePipeline
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.images import load_npz_arrays
 from uvit_cog.schedule import make_scheduler, scheduler_config
+from uvit_cog.text import byte_level_clip_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,21 +113,9 @@ def tiny_vae_dir(path: Path) -> Path:
 # Tiny CLIP models, built here: nothing is downloaded, and they load through the same code path as real ones.
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2's `bytes_to_unicode`), in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
-
-
 def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer without merges: every byte is a token (514 ids with <|startoftext|> and <|endoftext|>).
-
-    It lowercases, splits and pads like CLIP's own, so prompts of any text tokenize; only the vocabulary is small.
-    """
-    alphabet = _byte_level_alphabet()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+    """CLIP's tokenizer logic over a byte-level vocabulary (514 ids): `uvit_cog.text.byte_level_clip_tokenizer`."""
+    return byte_level_clip_tokenizer()
 
 
 def tiny_clip_text_config(hidden_size: int = 32, **overrides) -> CLIPTextConfig:
@@ -182,6 +171,7 @@ def load_entry_point(name: str) -> ModuleType:
         sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

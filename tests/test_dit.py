@@ -45,7 +45,7 @@ EXPERIMENTS = ["cifar10_dit_s2", "imagenet256_dit_xl2"]
 DIT_COUNTS = {"dit-s2": 32_963_360, "dit-b2": 130_512_416, "dit-l2": 458_102_816, "dit-xl2": 675_129_632}
 # A DiT-S/2-shaped model (2x2 patches, DiT's blocks) cut to 3 blocks of width 32 on 8x8 MNIST digits: the TINY run
 # of the U-ViT tests (4 steps of 8 images, checkpoints every 2) with DiT's model fields.
-DIT_TINY = ["model.hidden_size=32", "model.depth=3", "model.num_heads=2", "train.label_dropout=0.1",
+DIT_TINY = ["model.hidden_size=32", "model.depth=3", "model.num_heads=2", "train.condition_dropout=0.1",
             *[o for o in TINY if not o.startswith("model.")]]
 KINDS = {"dit_s2": ["softmax"] * 3, "dit_s2_cog": ["softmax", "cog", "softmax"]}
 
@@ -335,7 +335,7 @@ def test_dit_recipes_follow_dit():
             c.data.scale_factor, c.diffusion.schedule, c.diffusion.prediction_type) == (
         "dit", "dit-xl2", 1000, False, "latents", 0.18215, None, None)  # null: DDPM's linear schedule, ε
     assert (c.train.batch_size, c.optim.lr, c.optim.weight_decay, list(c.optim.betas), c.optim.warmup_steps,
-            c.optim.lr_schedule, c.train.ema_decay, c.train.ema_warmup, c.train.label_dropout, c.train.steps) == (
+            c.optim.lr_schedule, c.train.ema_decay, c.train.ema_warmup, c.train.condition_dropout, c.train.steps) == (
         256, 1e-4, 0.0, [0.9, 0.999], 0, "constant", 0.9999, False, 0.1, 400_000)
     assert (c.fid.guidance, c.fid.scheduler, c.fid.steps, c.sample.guidance) == (1.5, "ddpm", 250, 4.0)
     c = train_config("experiment=cifar10_dit_s2")

@@ -29,7 +29,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from uvit_cog import checkpoints, load_pipeline
+from uvit_cog import checkpoints, load_pipeline, training
 from uvit_cog.checkpoints import (
     MANIFEST,
     PAUSE_AT,
@@ -157,7 +157,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(reference_run, mn
 
 def nan_at(step: int, monkeypatch, scale: float = float("nan")):
     """Make the loss of training step `step` (1-based) non-finite (times `scale`)."""
-    loss = train_script.diffusion_loss
+    loss = training.diffusion_loss
     calls = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -165,7 +165,7 @@ def nan_at(step: int, monkeypatch, scale: float = float("nan")):
         value = loss(*args, **kwargs)
         return value * scale if calls["n"] == step else value
 
-    monkeypatch.setattr(train_script, "diffusion_loss", faulty)
+    monkeypatch.setattr(training, "diffusion_loss", faulty)
 
 
 def test_a_nan_loss_is_skipped_and_counted(mnist_npz, tmp_path, monkeypatch):

@@ -211,8 +211,8 @@ def test_unknown_config_names_fail_with_the_options(overrides, error, match):
     (["data=imagenet64"], ValueError, r"data.root is not set"),
     (["data=npz", "data.path=/no/such.npz"], FileNotFoundError, r"data.path=/no/such.npz does not exist"),
     (["train.batch_size=10", "train.grad_accum=4"], ValueError, r"train.batch_size=10 .* multiple of 4"),
-    (["train.label_dropout=0.1", "model.num_classes=0", "sample.guidance=1"], ValueError,
-     r"train.label_dropout > 0 needs a class-conditional model"),
+    (["train.condition_dropout=0.1", "model.num_classes=0", "sample.guidance=1"], ValueError,
+     r"train.condition_dropout > 0 needs a conditional model"),
     (["model.sample_size=32"], ValueError, r"model.sample_size=32 but data.resolution=16"),
     (["resume=/no/checkpoint"], FileNotFoundError, r"resume=/no/checkpoint: not a checkpoint"),
     (["data=imagenet256_latents", "data.root=/tmp", "diffusion.clip_sample=true"], ValueError,
@@ -274,7 +274,7 @@ def test_published_recipes():
                                             ("imagenet256_uvit_l2", 2e-4, 0.15, 300_000, 2),
                                             ("imagenet256_uvit_h2", 2e-4, 0.1, 500_000, 2)]:
         c = config(f"experiment={name}")
-        assert (c.train.batch_size, c.optim.lr, list(c.optim.betas), c.optim.warmup_steps, c.train.label_dropout,
+        assert (c.train.batch_size, c.optim.lr, list(c.optim.betas), c.optim.warmup_steps, c.train.condition_dropout,
                 c.train.steps, c.model.patch_size, c.model.num_classes) == (
             1024, lr, [0.99, 0.99], 5000, dropout, steps, patch, 1000), name
     c = config("experiment=imagenet256_uvit_h2")

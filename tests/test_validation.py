@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, assert_same_weights, final_ema, tiny_model, train_config, train_script
-from torch.utils.data import TensorDataset
 
 from uvit_cog.data import build_dataset, build_validation_dataset, holdout_split
 from uvit_cog.rundir import read_metrics
@@ -32,25 +31,25 @@ def held_out(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_same_model_and_seed_give_the_same_numbers(name):
     objective = make_objective(OBJECTIVES[name])
     model, (x0, labels) = tiny_model(), held_out()
-    first = validation_loss(model, objective, x0, labels, num_timesteps=5, seed=3, batch_size=12)
-    again = validation_loss(model, objective, x0, labels, num_timesteps=5, seed=3, batch_size=12)
+    first = validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=5, seed=3, batch_size=12)
+    again = validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=5, seed=3, batch_size=12)
     assert first == again  # bit for bit
-    rebatched = validation_loss(model, objective, x0, labels, num_timesteps=5, seed=3, batch_size=5)
+    rebatched = validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=5, seed=3, batch_size=5)
     for key in ("val_loss_t", "val_eps_mse_t"):  # the noise does not depend on the batching
         np.testing.assert_allclose(rebatched[key], first[key], rtol=1e-5)
-    other = validation_loss(model, objective, x0, labels, num_timesteps=5, seed=4, batch_size=12)
+    other = validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=5, seed=4, batch_size=12)
     assert other["val_loss"] != first["val_loss"]
     assert not model.training  # left in the mode it was in (tiny_model is in eval mode)
     model.train()
-    validation_loss(model, objective, x0, labels, num_timesteps=2)
+    validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=2)
     assert model.training
 
 
 def test_the_grid_of_timesteps():
     model, (x0, _) = tiny_model(num_classes=0), held_out()
-    ddpm = validation_loss(model, make_objective(OBJECTIVES["epsilon"]), x0, None, num_timesteps=10)
+    ddpm = validation_loss(model, make_objective(OBJECTIVES["epsilon"]), x0, {}, num_timesteps=10)
     assert ddpm["val_timesteps"] == [50.0, 150.0, 250.0, 350.0, 450.0, 550.0, 650.0, 750.0, 850.0, 950.0]
-    flow = validation_loss(model, make_objective(OBJECTIVES["flow_matching"]), x0, None, num_timesteps=4)
+    flow = validation_loss(model, make_objective(OBJECTIVES["flow_matching"]), x0, {}, num_timesteps=4)
     # t = (k + 1/2)/4, not shifted (the shift changes training, not the yardstick); the model sees t·1000.
     np.testing.assert_allclose(flow["val_timesteps"], [125.0, 375.0, 625.0, 875.0], rtol=1e-6)
     np.testing.assert_allclose(flow["val_log_snr"], [2 * math.log((1 - t) / t) for t in (0.125, 0.375, 0.625, 0.875)],
@@ -68,7 +67,7 @@ def test_eps_mse_is_the_prediction_error_in_noise_units(name):
     objective = make_objective(OBJECTIVES[name])
     torch.manual_seed(0)
     model, (x0, labels) = tiny_model(), held_out()
-    record = validation_loss(model, objective, x0, labels, num_timesteps=6)
+    record = validation_loss(model, objective, x0, {"class_labels": labels}, num_timesteps=6)
     grid = objective.grid(6)
     if name == "flow_matching":
         factor = (1 - grid.double()).square()
@@ -79,16 +78,30 @@ def test_eps_mse_is_the_prediction_error_in_noise_units(name):
                                rtol=2e-4)
 
 
+class Items(torch.utils.data.Dataset):
+    """Dataset items as the toolkit's datasets give them: x with its condition fields."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "class_labels": self.labels[i]}
+
+
 def test_validation_images_are_evenly_spaced_and_latents_fixed():
     images = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 2, 2, 2)
-    x0, labels = validation_images(TensorDataset(images, torch.arange(10)), 4)
-    assert labels.tolist() == [0, 3, 6, 9] and x0[:, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    x0, condition = validation_images(Items(images, torch.arange(10)), 4, "class")
+    assert condition["class_labels"].tolist() == [0, 3, 6, 9] and x0[:, 0, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert validation_images(Items(images, torch.arange(10)), 4, "none")[1] == {}  # labels of unconditional models
     moments = torch.cat([torch.ones(10, 2, 2, 2), torch.zeros(10, 2, 2, 2)], 1)  # mean 1, log-variance 0
-    a, _ = validation_images(TensorDataset(moments, torch.arange(10)), 4, seed=1, latent_scale=0.5)
-    b, _ = validation_images(TensorDataset(moments, torch.arange(10)), 4, seed=1, latent_scale=0.5)
+    a, _ = validation_images(Items(moments, torch.arange(10)), 4, "class", seed=1, latent_scale=0.5)
+    b, _ = validation_images(Items(moments, torch.arange(10)), 4, "class", seed=1, latent_scale=0.5)
     assert a.shape == (4, 2, 2, 2) and torch.equal(a, b) and not torch.allclose(a, torch.full_like(a, 0.5))
     with pytest.raises(ValueError, match=r"num_images=11 but the held-out set has only 10 images"):
-        validation_images(TensorDataset(images, torch.arange(10)), 11)
+        validation_images(Items(images, torch.arange(10)), 11, "class")
 
 
 def test_held_out_splits(tmp_path):
@@ -97,8 +110,8 @@ def test_held_out_splits(tmp_path):
     digits = dict(kind="digits", resolution=8, channels=1, num_classes=10, val_split="holdout", holdout=256)
     train, val = build_dataset(digits), build_validation_dataset(digits)
     assert (len(train), len(val)) == (1797 - 256, 256)
-    train_images = {train[i][0].numpy().tobytes() for i in range(len(train))}
-    assert not any(val[i][0].numpy().tobytes() in train_images for i in range(len(val)))  # never trained on
+    train_images = {train[i]["x"].numpy().tobytes() for i in range(len(train))}
+    assert not any(val[i]["x"].numpy().tobytes() in train_images for i in range(len(val)))  # never trained on
     assert len(build_dataset({**digits, "max_images": 16})) == 16
     x = np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x_train=x[:12], y_train=np.arange(12) % 3, x_test=x[12:], y_test=np.arange(8) % 3)

@@ -12,6 +12,7 @@ fields (`uvit_cog.conditioning`): `class_labels` in [0, num_classes] (`num_class
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,16 @@ def backbone_arguments(fields: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, {**presets.get(preset, {}), **kwargs}
 
 
+def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`kwargs` with every argument of backbone `name`'s builder that they leave out at its default: the model
+    they build, spelled out (so a config saved before an argument existed compares equal to one that has it)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone={name!r}: choose one of {sorted(BACKBONES)}")
+    defaults = {p.name: p.default for p in inspect.signature(BACKBONES[name].build).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **kwargs}
+
+
 def build_backbone(name: str, **kwargs: Any) -> ModelMixin:
     """A freshly initialised backbone `name` built from explicit arguments (see `backbone_arguments`)."""
     if name not in BACKBONES:
@@ -89,4 +100,4 @@ def condition_kind(config: Mapping[str, Any]) -> str:
 
 
 __all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "backbone_arguments", "build_backbone", "condition_kind",
-           "num_classes"]
+           "num_classes", "with_defaults"]

@@ -33,8 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import to_unit_range
-from .images import IMAGE_EXTENSIONS, is_image_file, open_rgb
+from .images import IMAGE_EXTENSIONS, is_image_file, open_rgb, to_unit_range
 
 METADATA_FILE = "metadata.jsonl"
 COCO_ANNOTATIONS = "annotations"
@@ -237,6 +236,14 @@ class CaptionedImageDataset(Dataset):
     def captions(self, i: int) -> list[str]:
         """Every caption of image `i` (a copy: callers may not change the dataset)."""
         return list(self.items[i].captions)
+
+    def num_captions(self, i: int) -> int:
+        """How many captions image `i` has."""
+        return len(self.items[i].captions)
+
+    def caption_item(self, i: int, k: int) -> dict[str, Tensor | str]:
+        """Image `i` with its caption `k`: the training item `uvit_cog.data.CaptionDraw` draws."""
+        return {"x": self.image(i), "caption": self.items[i].captions[k]}
 
     def __getitem__(self, i: int) -> dict[str, Tensor | list[str]]:
         return {"x": self.image(i), "captions": self.captions(i)}

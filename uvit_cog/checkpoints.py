@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,7 +34,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch import nn
 
-from .pipeline import UViTPipeline
+from .pipeline import UViTPipelineBase, build_pipeline
 from .rundir import CHECKPOINTS_DIR, PIPELINE_DIR, TMP_PREFIX, checkpoint_dir, step_dirs, write_text_atomic
 from .schedule import default_scheduler
 
@@ -204,25 +205,28 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
 
 
 def export_pipeline(transformer: nn.Module, noise_schedule: Mapping, vae: nn.Module | None,
-                    out_dir: str | os.PathLike) -> UViTPipeline:
-    """Save `transformer` (the EMA model) with its training noise schedule (and VAE) as a `UViTPipeline`.
+                    out_dir: str | os.PathLike, text_encoder: nn.Module | None = None,
+                    tokenizer: Any = None) -> UViTPipelineBase:
+    """Save `transformer` (the EMA model) with its training noise schedule (and VAE, and for a text-conditional
+    model its text encoder and tokenizer) as the pipeline of its kind (`build_pipeline`).
 
     `noise_schedule` is a `uvit_cog.schedule.scheduler_config`; the pipeline carries it as the default scheduler
     of its objective (`default_scheduler`: a DDPM scheduler, or a flow-matching Euler scheduler with every key
     of its config explicit), from which `make_scheduler` builds any other sampler of that family.
     """
-    pipeline = UViTPipeline(transformer=transformer, scheduler=default_scheduler(noise_schedule), vae=vae)
+    pipeline = build_pipeline(transformer, default_scheduler(noise_schedule), vae, text_encoder, tokenizer)
     pipeline.save_pretrained(out_dir)
     return pipeline
 
 
 def export_final_pipeline(transformer: nn.Module, noise_schedule: Mapping, vae: nn.Module | None,
-                          run_dir: str | os.PathLike) -> Path:
+                          run_dir: str | os.PathLike, text_encoder: nn.Module | None = None,
+                          tokenizer: Any = None) -> Path:
     """Write `RUN/pipeline` atomically: a temporary directory renamed into place."""
     final = Path(run_dir) / PIPELINE_DIR
     tmp = final.with_name(TMP_PREFIX + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    export_pipeline(transformer, noise_schedule, vae, tmp)
+    export_pipeline(transformer, noise_schedule, vae, tmp, text_encoder, tokenizer)
     commit_checkpoint(tmp, final)
     return final
 

@@ -1,21 +1,26 @@
-"""Training datasets: scikit-learn digits, CIFAR-10, `.npz` arrays, class folders, VAE latents.
+"""Training datasets: scikit-learn digits, CIFAR-10, `.npz` arrays, class folders, captioned images (MS-COCO,
+`metadata.jsonl` folders: `uvit_cog.captions`), VAE latents with or without text features.
 
 The files themselves are read by `uvit_cog.images` (the one `.npz` syntax `FILE.npz:KEY`, the class-folder
-layout, image decoding); this module turns them into training samples.
+layout, image decoding) and `uvit_cog.captions`; this module turns them into training samples.
 
-Every dataset returns `(x, label)`: pixel datasets give float images (C, H, W) in [-1, 1], the latent
-dataset gives the stored VAE moments (2C, h, w) = [mean, logvar], turned into a latent sample by
-`sample_latents` in the training step (so the noise comes from the training step's seeded generator).
-Random flips are drawn in the training step for the same reason; datasets are deterministic.
-Labels are int64; a dataset without labels returns 0 and has `num_classes = 0`.
+Every item is a dict: `x` and the condition as named fields (`uvit_cog.conditioning`). Pixel datasets give `x`
+as float images (C, H, W) in [-1, 1], the latent dataset the stored VAE moments (2C, h, w) = [mean, logvar],
+turned into a latent sample by `sample_latents` in the training step (so the noise comes from the training
+step's seeded generator). Labelled data adds `class_labels` (int64); data without labels has none and
+`num_classes = 0`. Captioned data (`num_captions(i)`, `caption_item(i, k)`) gives one caption per draw:
+`CaptionDraw` picks it from a generator seeded by the sample's position in the global data stream, and the item
+carries `caption` (text, encoded in the training step) or `encoder_hidden_states` (extracted features). Random
+flips and condition dropout are drawn in the training step for the same reason; datasets are deterministic.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,18 +29,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from .images import class_folder_items, load_npz_arrays, open_rgb, split_npz_spec
+from .captions import CaptionedImageDataset
+from .images import class_folder_items, load_npz_arrays, open_rgb, split_npz_spec, to_unit_range
 
-DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents")  # folder: a class folder, root/<class>/<image>
+# folder: a class folder, root/<class>/<image>; captions: MS-COCO or a metadata.jsonl folder (data.format)
+DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents", "captions")
+CAPTION_FORMATS = ("coco", "folder")
 # Where the held-out images of the validation loss come from: the data's own test split (CIFAR-10's, an .npz's
 # x_test), or `holdout` items that `build_dataset` keeps out of training.
 VAL_SPLITS = ("test", "holdout")
 LATENT_META = "meta.json"
-
-
-def to_unit_range(images: Tensor) -> Tensor:
-    """uint8 images to float in [-1, 1], the range every model here is trained on."""
-    return images.float().div(127.5).sub(1.0)
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -81,8 +84,11 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return to_unit_range(self.images[i]), self.labels[i]
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item = {"x": to_unit_range(self.images[i])}
+        if self.num_classes:
+            item["class_labels"] = self.labels[i]
+        return item
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -108,20 +114,33 @@ class ClassFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
         path, label = self.items[i]
         arr = center_crop_arr(open_rgb(path), self.resolution)
-        return to_unit_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)), torch.tensor(label)
+        return {"x": to_unit_range(torch.from_numpy(arr.copy()).permute(2, 0, 1)), "class_labels": torch.tensor(label)}
 
 
 def shard_paths(root: str | Path, index: int) -> tuple[Path, Path]:
-    """The moments and labels files of latent shard `index`."""
+    """The moments and labels files of latent shard `index` (the labels file is written last: it marks the shard
+    done)."""
     root = Path(root)
     return root / f"shard_{index:05d}.moments.npy", root / f"shard_{index:05d}.labels.npy"
 
 
+def text_shard_paths(root: str | Path, index: int) -> tuple[Path, Path, Path]:
+    """The text files of latent shard `index`: every caption's features (M, L, C), each row's captions as
+    (start, count) into them (rows, 2), and the caption texts (a JSON list per row)."""
+    root = Path(root)
+    return (root / f"shard_{index:05d}.text.npy", root / f"shard_{index:05d}.caption_index.npy",
+            root / f"shard_{index:05d}.captions.json")
+
+
+EMPTY_TEXT = "empty_text.npy"  # the empty prompt's features (L, C): the null condition of text models
+
+
 def read_latent_meta(root: str | Path) -> dict:
-    """The `meta.json` of a latent dataset: VAE, scaling factor, latent shape, classes, shard count."""
+    """The `meta.json` of a latent dataset: VAE, scaling factor, latent shape, classes, shard count, and for
+    text-to-image data the text encoder, its feature shape and storage dtype."""
     path = Path(root) / LATENT_META
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: data.root must be a folder written by scripts/extract_latents.py")
@@ -129,36 +148,145 @@ def read_latent_meta(root: str | Path) -> dict:
 
 
 class LatentDataset(Dataset):
-    """VAE moments written by `scripts/extract_latents.py`: `meta.json` plus memory-mapped `.npy` shards."""
+    """VAE moments written by `scripts/extract_latents.py`: `meta.json` plus memory-mapped `.npy` shards; with
+    `--captions`, the text features of every caption too (`num_captions`, `caption_item`)."""
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
-        self.meta = read_latent_meta(root)
+        self.root, self.meta = root, read_latent_meta(root)
         missing = [i for i in range(self.meta["num_shards"]) if not shard_paths(root, i)[1].is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{root} lacks {len(missing)} of {self.meta['num_shards']} shards (first: {missing[0]}): "
                 "the extraction did not finish; run scripts/extract_latents.py again with the same --out to resume"
             )
-        self.moments, self.labels = [], []
+        self.moments, self.labels, self.text, self.caption_index = [], [], [], []
         for i in range(self.meta["num_shards"]):
             moments, labels = shard_paths(root, i)
             self.moments.append(np.load(moments, mmap_mode="r"))
             self.labels.append(np.load(labels))
+            if self.has_text:
+                text, index, _ = text_shard_paths(root, i)
+                self.text.append(np.load(text, mmap_mode="r"))
+                self.caption_index.append(np.load(index))
         self.offsets = np.cumsum([0] + [len(x) for x in self.labels]).tolist()
         self.num_classes = len(self.meta["classes"])
         self.channels, self.resolution = self.meta["latent_channels"], self.meta["latent_size"]
         self.scale_factor = self.meta["scaling_factor"]
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the data holds text features (extracted with --captions)."""
+        return bool(self.meta.get("text_encoder"))
+
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def _locate(self, i: int) -> tuple[int, int]:
         shard = bisect.bisect_right(self.offsets, i) - 1
-        j = i - self.offsets[shard]
-        return torch.from_numpy(np.array(self.moments[shard][j], dtype=np.float32)), torch.tensor(
-            int(self.labels[shard][j])
-        )
+        return shard, i - self.offsets[shard]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        shard, j = self._locate(i)
+        item = {"x": torch.from_numpy(np.array(self.moments[shard][j], dtype=np.float32))}
+        if self.num_classes:
+            item["class_labels"] = torch.tensor(int(self.labels[shard][j]))
+        return item
+
+    def num_captions(self, i: int) -> int:
+        """How many captions item `i` has (its features are `caption_item(i, 0 … n − 1)`)."""
+        shard, j = self._locate(i)
+        return int(self.caption_index[shard][j][1])
+
+    def caption_item(self, i: int, k: int) -> dict[str, Tensor]:
+        """Item `i` with the features of its caption `k` as `encoder_hidden_states` (L, C), float32."""
+        shard, j = self._locate(i)
+        start, count = (int(v) for v in self.caption_index[shard][j])
+        if not 0 <= k < count:
+            raise IndexError(f"item {i} has {count} captions, not {k + 1}")
+        return {**self[i], "encoder_hidden_states": torch.from_numpy(np.array(self.text[shard][start + k],
+                                                                              dtype=np.float32))}
+
+    def captions(self, i: int) -> list[str]:
+        """The caption texts of item `i`."""
+        shard, j = self._locate(i)
+        return json.loads(text_shard_paths(self.root, shard)[2].read_text())[j]
+
+    def empty_text_features(self) -> Tensor:
+        """The empty prompt's features (L, C) recorded by the extraction: the null condition."""
+        return torch.from_numpy(np.load(self.root / EMPTY_TEXT).astype(np.float32))
+
+
+class LabelCaptions(Dataset):
+    """Captions written from class labels, in several phrasings: caption k of an item with label y is
+    `templates[k // len(names[y])].format(names[y][k % len(names[y])])` (every template with every synonym).
+
+    Makes a labelled dataset (digits, CIFAR-10, …) captioned, for text-to-image training on the CPU; items lose
+    their `class_labels` (the text is the condition).
+    """
+
+    def __init__(self, dataset: Dataset, names: Sequence[Sequence[str]], templates: Sequence[str]) -> None:
+        if len(names) != dataset.num_classes:
+            raise ValueError(f"data.caption_names has {len(names)} entries but the data has {dataset.num_classes} "
+                             "classes: give one list of names per class")
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"data.caption_templates={list(templates)}: give templates with one {{}} each")
+        if any(not n for n in names):
+            raise ValueError("data.caption_names: every class needs at least one name")
+        self.dataset, self.names, self.templates = dataset, [list(n) for n in names], list(templates)
+        self.num_classes, self.channels, self.resolution = 0, dataset.channels, dataset.resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def captions(self, i: int) -> list[str]:
+        """Every caption of item `i`."""
+        names = self.names[int(self.dataset[i]["class_labels"])]
+        return [t.format(n) for t in self.templates for n in names]
+
+    def num_captions(self, i: int) -> int:
+        return len(self.templates) * len(self.names[int(self.dataset[i]["class_labels"])])
+
+    def caption_item(self, i: int, k: int) -> dict[str, Any]:
+        """Item `i` with its caption `k` as text."""
+        item = self.dataset[i]
+        names = self.names[int(item["class_labels"])]
+        return {"x": item["x"], "caption": self.templates[k // len(names)].format(names[k % len(names)])}
+
+
+def caption_source(dataset: Dataset, i: int) -> tuple[Dataset, int]:
+    """The captioned dataset under `Subset` wrappers and item `i`'s index in it."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    if not hasattr(dataset, "caption_item"):
+        raise TypeError(f"{type(dataset).__name__} has no captions")
+    return dataset, i
+
+
+def is_captioned(dataset: Dataset) -> bool:
+    """Whether `dataset` (under any `Subset` wrappers) gives captions or their features."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return hasattr(dataset, "caption_item") and getattr(dataset, "has_text", True)
+
+
+class CaptionDraw(Dataset):
+    """One caption per draw of a captioned dataset, indexed by `(index, position)` as `GlobalBatchSampler(...,
+    positions=True)` yields them: the caption is drawn uniformly from a generator seeded by (seed, position),
+    the sample's place in the global data stream, so it depends on neither workers, processes nor restarts."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        i, position = key
+        source, j = caption_source(self.dataset, i)
+        generator = torch.Generator().manual_seed(hash((self.seed, int(position))) & (2**63 - 1))
+        k = int(torch.randint(source.num_captions(j), (1,), generator=generator))
+        return source.caption_item(j, k)
 
 
 def sample_latents(moments: Tensor, scale_factor: float, eps: Tensor) -> Tensor:
@@ -184,8 +312,19 @@ def build_dataset(cfg: Mapping) -> Dataset:
         dataset = ClassFolderDataset(cfg["root"], cfg["resolution"])
     elif kind == "latents":
         dataset = LatentDataset(cfg["root"])
+    elif kind == "captions":
+        fmt = cfg.get("format")
+        if fmt == "coco":
+            dataset = CaptionedImageDataset.from_coco(cfg["root"], cfg.get("split") or "train2014", cfg["resolution"])
+        elif fmt == "folder":
+            dataset = CaptionedImageDataset.from_folder(cfg["root"], cfg["resolution"])
+        else:
+            raise ValueError(f"data.format={fmt!r}: choose one of {CAPTION_FORMATS} (MS-COCO as downloaded, or a "
+                             "folder with a metadata.jsonl)")
     else:
         raise ValueError(f"unknown data.kind {kind!r}; choose one of {DATA_KINDS}")
+    if cfg.get("caption_templates"):  # captions written from the labels: a labelled dataset becomes captioned
+        dataset = LabelCaptions(dataset, cfg.get("caption_names") or [], cfg["caption_templates"])
     check_dataset(dataset, cfg)
     if cfg.get("val_split") == "holdout" and cfg.get("holdout"):
         dataset = torch.utils.data.Subset(dataset, holdout_split(len(dataset), int(cfg["holdout"]))[0])
@@ -249,6 +388,13 @@ def check_dataset(dataset: Dataset, cfg: Mapping) -> None:
     found_fields = {"channels": dataset.channels, "resolution": dataset.resolution, "num_classes": dataset.num_classes}
     if isinstance(dataset, LatentDataset):
         found_fields["scale_factor"] = dataset.scale_factor
+        if dataset.has_text:  # features made by one encoder train only a model of that encoder's width
+            meta, encoder = dataset.meta, cfg.get("text_encoder")
+            if encoder and str(encoder) != meta["text_encoder"]:
+                raise ValueError(f"{where} holds text features of {meta['text_encoder']} but data.text_encoder="
+                                 f"{encoder}: extract the features with that encoder, or set "
+                                 f"data.text_encoder={meta['text_encoder']} (or null)")
+            found_fields.update(text_dim=meta["text_dim"], num_text_tokens=meta["num_text_tokens"])
     for field, found in found_fields.items():
         if found != cfg[field]:
             raise ValueError(f"{where} has {field} {found} but the config says {cfg[field]}: set data.{field}={found}")
@@ -260,14 +406,16 @@ class GlobalBatchSampler(Sampler[int]):
     Position p of the stream is `perm(epoch = p // N)[p % N]` with the permutation seeded by (seed, epoch);
     each global micro-batch of `global_batch` positions is split into `world_size` contiguous slices.
     The batches therefore depend on neither the number of processes nor restarts: a run resumed at
-    stream position `start` (images seen so far) sees exactly the data an uninterrupted run would.
+    stream position `start` (images seen so far) sees exactly the data an uninterrupted run would. With
+    `positions=True` it yields `(index, position)`, the key `CaptionDraw` draws a sample's caption from.
     """
 
     def __init__(self, num_items: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 start: int = 0) -> None:
+                 start: int = 0, positions: bool = False) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.num_items, self.global_batch, self.seed, self.start = num_items, global_batch, seed, start
+        self.positions = positions
         self.local = global_batch // world_size
         self.offset = rank * self.local
 
@@ -282,5 +430,6 @@ class GlobalBatchSampler(Sampler[int]):
                 if p // self.num_items != epoch:
                     epoch = p // self.num_items
                     perm = self._permutation(epoch)
-                yield int(perm[p % self.num_items])
+                index = int(perm[p % self.num_items])
+                yield (index, p) if self.positions else index
             base += self.global_batch

@@ -11,7 +11,7 @@ ways, which `DiTModel` undoes; blocks, attention processors, forward pass and co
   block starts as the identity), xavier-uniform linear layers (q, k and v with the bound of DiT's fused qkv),
   the patch projection initialised like a linear layer, N(0, 0.02) label table and timestep MLP. diffusers keeps
   PyTorch's defaults, which suits loading weights, not training.
-- **Label dropout belongs to the training loop** (`train.label_dropout`, seeded per global batch): diffusers'
+- **Label dropout belongs to the training loop** (`train.condition_dropout`, seeded per global batch): diffusers'
   label embedder drops 10 % of the labels by itself in train mode, with unseeded `torch.rand`. Its null row is
   kept: label `num_embeds_ada_norm` (the number of classes) is the null label, as `UViTModel`'s `num_classes`.
 

@@ -170,6 +170,11 @@ def open_rgb(path: str | Path) -> Image.Image:
     return rgb
 
 
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [-1, 1], the range every model here is trained on."""
+    return images.float().div(127.5).sub(1.0)
+
+
 def class_folder_items(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted subfolders) and (file, label) pairs of a class folder `root/<class>/<image>`;
     images are found recursively inside each class. A class without images is an error, as in torchvision."""

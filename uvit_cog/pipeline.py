@@ -599,6 +599,28 @@ class UViTText2ImagePipeline(UViTPipelineBase):
 PIPELINES = {cls.__name__: cls for cls in (UViTPipeline, UViTText2ImagePipeline)}
 
 
+def build_pipeline(
+    transformer: ModelMixin, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+    text_encoder: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+    objective: str | None = None,
+) -> UViTPipeline | UViTText2ImagePipeline:
+    """The pipeline of `transformer`'s condition kind: `UViTText2ImagePipeline` (with the text encoder and its
+    tokenizer) for a text-conditional model, else `UViTPipeline`."""
+    if backbones.condition_kind(transformer.config) == "text":
+        return UViTText2ImagePipeline(transformer, scheduler, vae, text_encoder, tokenizer, objective)
+    if text_encoder is not None or tokenizer is not None:
+        raise ValueError("a text encoder was given for a model that is not text-conditional")
+    return UViTPipeline(transformer, scheduler, vae, objective)
+
+
+def with_components(pipeline: UViTPipelineBase, **components) -> UViTPipelineBase:
+    """A pipeline of the same class sharing `pipeline`'s components and objective, some replaced (e.g. the
+    scheduler); `pipeline` itself is left unchanged, and so is its progress-bar setting."""
+    swapped = type(pipeline)(**{**pipeline.components, **components}, objective=pipeline.config.objective)
+    swapped.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return swapped
+
+
 def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline | UViTText2ImagePipeline:
     """Load the pipeline of a pipeline directory or a training run directory: `UViTPipeline` or
     `UViTText2ImagePipeline`, as its model_index.json names it.
@@ -616,4 +638,4 @@ def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline | UViTText2
 
 
 __all__ = ["OUTPUT_TYPES", "PIPELINES", "UViTPipeline", "UViTPipelineBase", "UViTText2ImagePipeline",
-           "flatten_prompts", "load_pipeline"]
+           "build_pipeline", "flatten_prompts", "load_pipeline", "with_components"]

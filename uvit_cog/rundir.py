@@ -40,6 +40,7 @@ SAMPLES_DIR = "samples"
 MODEL_INDEX = "model_index.json"
 TMP_PREFIX = ".tmp_"
 LOCK_FILE = "train.lock"
+TEXT_ENCODER_DIR = "text_encoder"  # a run's own text encoder, when training made it (data.text_encoder=random)
 
 
 @contextlib.contextmanager

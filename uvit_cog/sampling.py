@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .inception import InceptionWeights, resolve_weights
 from .metrics import METRICS, Statistics, check_metric_names, compute_metrics, load_reference
-from .pipeline import ClassLabel, UViTPipeline
+from .pipeline import ClassLabel, UViTPipeline, UViTPipelineBase, UViTText2ImagePipeline, with_components
 from .rundir import TMP_PREFIX, atomic_write
 from .schedule import make_scheduler
 
@@ -45,7 +45,7 @@ def index_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed) + int(index))
 
 
-def with_scheduler(pipeline: UViTPipeline, scheduler: str | SchedulerMixin | None) -> UViTPipeline:
+def with_scheduler(pipeline: UViTPipelineBase, scheduler: str | SchedulerMixin | None) -> UViTPipelineBase:
     """`pipeline` sampling with another scheduler (a `SCHEDULERS` name built on its noise schedule, or an
     instance); the components are shared, the given pipeline is left unchanged. A scheduler of the other
     objective's family is refused here, before any sampling."""
@@ -53,29 +53,26 @@ def with_scheduler(pipeline: UViTPipeline, scheduler: str | SchedulerMixin | Non
         return pipeline
     if isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler, pipeline.scheduler.config)
-    swapped = UViTPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
-                           objective=pipeline.config.objective)  # the model's objective, not the new scheduler's
+    swapped = with_components(pipeline, scheduler=scheduler)  # the model's objective, not the new scheduler's
     swapped.check_scheduler()
-    swapped.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
     return swapped
 
 
 def generate_images(
-    pipeline: UViTPipeline,
+    pipeline: UViTPipelineBase,
     generators: list[torch.Generator],
-    class_labels: list[int] | None,
+    conditions: list[int] | list[str] | None,
     num_inference_steps: int,
     guidance_scale: float,
 ) -> np.ndarray:
-    """One pipeline call, one image per generator: uint8 (N, H, W, C)."""
-    images = pipeline(
-        batch_size=len(generators),
-        class_labels=class_labels,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=generators,
-        output_type="np",
-    ).images
+    """One pipeline call, one image per generator: uint8 (N, H, W, C). `conditions` holds each image's class id
+    (`UViTPipeline`; None: unconditional) or prompt (`UViTText2ImagePipeline`)."""
+    if isinstance(pipeline, UViTText2ImagePipeline):
+        inputs = {"prompt": conditions}
+    else:
+        inputs = {"batch_size": len(generators), "class_labels": conditions}
+    images = pipeline(**inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=generators, output_type="np").images
     return (images * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -109,7 +106,7 @@ def grid_classes(pipeline: UViTPipeline, n: int, class_labels: Sequence[ClassLab
 
 
 def sample_grid(
-    pipeline: UViTPipeline,
+    pipeline: UViTPipelineBase,
     n: int = 8,
     class_labels: Sequence[ClassLabel] | None = None,
     seed: int = 0,
@@ -117,15 +114,25 @@ def sample_grid(
     guidance_scale: float = 1.0,
     scheduler: str | SchedulerMixin | None = None,
     batch_size: int = 64,
+    prompts: Sequence[str] | None = None,
 ) -> Image.Image:
-    """A grid with `n` images per row and fixed seeds: one row per class for a class-conditional model
-    (`grid_classes`), `n` rows for an unconditional one. Image k (row-major) uses generator `seed + k`."""
+    """A grid with `n` images per row and fixed seeds: one row per prompt for a text-to-image model, one row per
+    class for a class-conditional one (`grid_classes`), `n` rows for an unconditional one. Image k (row-major)
+    uses generator `seed + k`."""
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"grid size n must be a positive int, got {n!r}")
-    rows = grid_classes(pipeline, n, class_labels)
+    if isinstance(pipeline, UViTText2ImagePipeline):
+        if not prompts:
+            raise ValueError("a text-to-image model's grid needs prompts (one row each)")
+        pipeline.check_inputs(list(prompts), None, None, None, None, None, num_inference_steps, guidance_scale)
+        rows = list(prompts)
+    else:
+        if prompts:
+            raise ValueError("prompts given for a model that is not text-conditional; give class_labels")
+        rows = grid_classes(pipeline, n, class_labels)
+        pipeline.check_inputs(batch_size, rows[:1] if rows else None, num_inference_steps, guidance_scale)
     labels = None if rows is None else [c for c in rows for _ in range(n)]
     total = n * n if rows is None else len(labels)
-    pipeline.check_inputs(batch_size, rows[:1] if rows else None, num_inference_steps, guidance_scale)
     pipeline = with_scheduler(pipeline, scheduler)
     chunks = []
     for start in range(0, total, batch_size):

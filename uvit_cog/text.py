@@ -19,7 +19,15 @@ from collections.abc import Sequence
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 CLIP_L14 = "openai/clip-vit-large-patch14"  # U-ViT's text encoder
 # Checkpoints that hold more than a text encoder (a text and a vision tower; an encoder-decoder): the class that
@@ -102,5 +110,45 @@ def encode_prompts(text_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return torch.cat([text_encoder(input_ids=chunk.to(device)).last_hidden_state for chunk in ids.split(batch_size)])
 
 
-__all__ = ["CLIP_L14", "TEXT_ENCODER_CLASSES", "check_text_encoder", "encode_prompts", "load_text_encoder",
-           "text_width", "tokenize"]
+def byte_level_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer without merges: each byte of a prompt is a token (514 ids with <|startoftext|> and
+    <|endoftext|>). It lowercases, splits and pads as CLIP's own does; only its vocabulary is small, so it needs no
+    download. Made for `build_random_text_encoder` and for tests."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    alphabet = [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]  # GPT-2's bytes_to_unicode
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def random_text_encoder_config(width: int, max_length: int, num_layers: int = 2, num_heads: int = 2,
+                               ) -> CLIPTextConfig:
+    """The config of a small CLIP text model over `byte_level_clip_tokenizer`'s vocabulary."""
+    tokenizer = byte_level_clip_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_random_text_encoder(width: int, max_length: int, seed: int = 0, num_layers: int = 2, num_heads: int = 2,
+                              ) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A randomly initialised, frozen CLIP text model (seeded) with `byte_level_clip_tokenizer`.
+
+    Where no pretrained encoder can be had (offline machines, the CPU quick start), a frozen random transformer
+    still maps each prompt to its own features, which a diffusion model can learn to follow for prompts like the
+    ones it was trained on; it knows no language, so it does not generalise to new words as CLIP does. Save it
+    with `save_pretrained` and load it back with `load_text_encoder`, like any encoder.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = CLIPTextModel(random_text_encoder_config(width, max_length, num_layers, num_heads))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval().requires_grad_(False), byte_level_clip_tokenizer()
+
+
+__all__ = ["CLIP_L14", "TEXT_ENCODER_CLASSES", "build_random_text_encoder", "byte_level_clip_tokenizer",
+           "check_text_encoder", "encode_prompts", "load_text_encoder", "random_text_encoder_config", "text_width",
+           "tokenize"]

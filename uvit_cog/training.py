@@ -1,10 +1,22 @@
-"""The training step's pieces as plain functions: per-sample randomness, the loss, the validation loss, EMA and the
-rank-sync check.
+"""The training step as plain functions: per-sample randomness, batch preparation (flips, the latent draw, the
+condition and its dropout), the loss, one optimiser step (backward, clipping, skipping non-finite steps, EMA), the
+validation loss and the rank-sync check.
 
-Nothing here knows about configs or run directories: `train.py` passes explicit values.
+Nothing here knows about configs or run directories: `train.py` passes explicit values, and a notebook can train
+with the same step:
+
+    rnd = GlobalBatchRandom(seed, step, 0, batch_size, batch_size, device)
+    x, condition = prepare_batch(batch, rnd, "class", dropout=0.1, null=null_class_condition(10, 1))
+    result = train_step(accelerator, model, optimizer, lr_scheduler, ema, objective, lambda m: (x, condition, rnd))
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,8 +24,11 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import evenly_spaced, sample_latents
+from .conditioning import Condition, drop_condition
+from .data import caption_source, evenly_spaced, is_captioned, sample_latents
 from .schedule import Objective
+
+TextEncode = Callable[[list[str]], Tensor]  # captions -> features (N, L, C), e.g. uvit_cog.text.encode_prompts
 
 
 class GlobalBatchRandom:
@@ -44,24 +59,127 @@ class GlobalBatchRandom:
         return objective.sample_t(self.total, self.generator, self.device)[self.rows]
 
 
-def diffusion_loss(model: nn.Module, objective: Objective, x0: Tensor, class_labels: Tensor | None,
+def batch_condition(batch: Mapping[str, Any], kind: str, encode_text: TextEncode | None = None) -> Condition:
+    """The condition fields (`uvit_cog.conditioning`) a model of condition `kind` takes, from a batch of items:
+    its class labels, its text features, or its captions encoded by `encode_text`; nothing when unconditional
+    (labels of labelled data are then ignored)."""
+    if kind == "none":
+        return {}
+    if kind == "class":
+        if "class_labels" not in batch:
+            raise ValueError("a class-conditional model needs labelled data (items without class_labels)")
+        return {"class_labels": batch["class_labels"]}
+    if kind == "text":
+        if "encoder_hidden_states" in batch:
+            return {"encoder_hidden_states": batch["encoder_hidden_states"]}
+        if "caption" in batch and encode_text is not None:
+            return {"encoder_hidden_states": encode_text(list(batch["caption"]))}
+        raise ValueError("a text-conditional model needs captioned data: items with a caption (and a text encoder) "
+                         "or extracted text features")
+    raise ValueError(f"unknown condition kind {kind!r}")
+
+
+def prepare_batch(
+    batch: Mapping[str, Any], rnd: GlobalBatchRandom, condition_kind: str, *, hflip: bool = False,
+    latent_scale: float | None = None, dropout: float = 0.0, null: Condition | None = None,
+    encode_text: TextEncode | None = None,
+) -> tuple[Tensor, Condition]:
+    """A batch of dataset items (on the device) as the model's input x0 and condition, with the step's draws from
+    `rnd`, in this order: horizontal flips (`hflip`), the latent drawn from stored VAE moments (`latent_scale`,
+    the data's scale factor), and condition dropout: each row's condition replaced by `null` (the null label,
+    the empty prompt's features) with probability `dropout`, for classifier-free guidance."""
+    x = batch["x"]
+    if hflip:
+        x = torch.where(rnd.rand()[:, None, None, None] < 0.5, x.flip(-1), x)
+    if latent_scale is not None:
+        x = sample_latents(x, latent_scale, rnd.randn(x.shape[1] // 2, *x.shape[2:]))
+    condition = batch_condition(batch, condition_kind, encode_text)
+    if condition:  # drawn whatever `dropout` is, so the draws that follow do not depend on it
+        drop = rnd.rand() < dropout
+        if dropout > 0:
+            if null is None:
+                raise ValueError("condition dropout needs the null condition")
+            condition = drop_condition(condition, drop, null)
+    return x, condition
+
+
+def diffusion_loss(model: nn.Module, objective: Objective, x0: Tensor, condition: Condition,
                    rnd: GlobalBatchRandom) -> Tensor:
     """The objective's loss (`Objective.loss`: the MSE of its target, weighted as configured) at t and noise
-    drawn from `rnd`; the model is called at the objective's timesteps (t for DDPM, t·T for flow matching)."""
+    drawn from `rnd`; the model is called at the objective's timesteps (t for DDPM, t·T for flow matching) with
+    the condition's fields."""
     t = rnd.timesteps(objective)
     noise = rnd.randn(*x0.shape[1:]).to(x0.dtype)
     xt = objective.add_noise(x0, noise, t)
-    pred = model(xt, objective.model_timesteps(t), class_labels=class_labels).sample
+    pred = model(xt, objective.model_timesteps(t), **condition).sample
     return objective.loss(pred, objective.target(x0, noise, t), t)
+
+
+@dataclass
+class StepResult:
+    """One optimiser step: its loss (mean over micro-batches, this rank), the gradient norm before clipping, the
+    learning rate it used, and whether it changed the weights (False: skipped as non-finite)."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    lr: float
+    stepped: bool
+
+
+def train_step(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+    ema: nn.Module | None, objective: Objective,
+    micro_batch: Callable[[int], tuple[Tensor, Condition, GlobalBatchRandom]], *, step: int, grad_accum: int = 1,
+    max_grad_norm: float | None = None, ema_decay: float = 0.9999, ema_warmup: bool = True, nonfinite: str = "skip",
+) -> StepResult:
+    """One optimiser step `step + 1`: `grad_accum` micro-batches (`micro_batch(i)` gives x0, its condition and
+    the draws), backward (gradients synchronised on the last only), clipping to `max_grad_norm`, the optimiser,
+    the LR schedule and the EMA.
+
+    A non-finite loss (any rank's) or gradient norm (already reduced over ranks) never reaches the weights or
+    the EMA: the step is skipped, or with `nonfinite="stop"` a FloatingPointError is raised. Under fp16 the loss
+    scaler's own overflow skips are counted the same way: optimizer.step() is still called then, so that the
+    scaler lowers its scale and training recovers.
+    """
+    model.train()
+    loss_step = torch.zeros((), device=accelerator.device)
+    for micro in range(grad_accum):
+        x, condition, rnd = micro_batch(micro)
+        with contextlib.nullcontext() if micro == grad_accum - 1 else accelerator.no_sync(model):
+            loss = diffusion_loss(model, objective, x, condition, rnd)
+            accelerator.backward(loss / grad_accum)
+        loss_step += loss.detach() / grad_accum
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    loss_bad = accelerator.reduce((~torch.isfinite(loss_step)).float(), "sum") > 0
+    lr = lr_scheduler.get_last_lr()[0]  # the rate of this step
+    if loss_bad or (not torch.isfinite(norm) and accelerator.scaler is None):
+        if nonfinite == "stop":
+            raise FloatingPointError(
+                f"step {step + 1}: non-finite {'loss' if loss_bad else 'gradient norm'}; the weights are "
+                "those of the last good step. Lower optim.lr, set train.max_grad_norm, or use "
+                "train.nonfinite=skip to skip such steps")
+        stepped = False
+    else:
+        optimizer.step()
+        stepped = not accelerator.optimizer_step_was_skipped
+    optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        lr_scheduler.step()
+        if ema is not None:
+            update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step + 1, ema_decay, ema_warmup))
+    return StepResult(loss=loss_step, grad_norm=norm, lr=lr, stepped=stepped)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Validation loss
 
 
-def validation_images(dataset: Dataset, num_images: int, seed: int = 0,
-                      latent_scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """`num_images` evenly spaced items of a held-out dataset as model inputs x0 (N, C, H, W) and labels (N,).
+def validation_images(dataset: Dataset, num_images: int, condition_kind: str, seed: int = 0,
+                      latent_scale: float | None = None, encode_text: TextEncode | None = None,
+                      ) -> tuple[Tensor, Condition]:
+    """`num_images` evenly spaced items of a held-out dataset as model inputs x0 (N, C, H, W) and their fixed
+    condition (`batch_condition`): labels, or the first caption of each image (its features, or `encode_text`
+    of its text).
 
     For a latent dataset (items are VAE moments) give `latent_scale`, the data's scale factor: each latent
     is drawn once, mean + std·ε with ε from a generator seeded `seed`, so the set is fixed.
@@ -69,19 +187,25 @@ def validation_images(dataset: Dataset, num_images: int, seed: int = 0,
     if num_images > len(dataset):
         raise ValueError(f"num_images={num_images} but the held-out set has only {len(dataset)} images: "
                          f"validate on at most {len(dataset)} (or hold out more)")
-    items = [dataset[i] for i in evenly_spaced(len(dataset), num_images)]
-    x0 = torch.stack([x for x, _ in items]).float()
-    labels = torch.stack([torch.as_tensor(y) for _, y in items]).long()
+    indices = evenly_spaced(len(dataset), num_images)
+    if condition_kind == "text" and is_captioned(dataset):
+        items = [source.caption_item(j, 0) for source, j in (caption_source(dataset, i) for i in indices)]
+    else:
+        items = [dataset[i] for i in indices]
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch = {key: torch.stack(values) if isinstance(values[0], Tensor) else values for key, values in batch.items()}
+    x0 = batch["x"].float()
     if latent_scale is not None:
         eps = torch.randn(x0.shape[0], x0.shape[1] // 2, *x0.shape[2:], generator=torch.Generator().manual_seed(seed))
         x0 = sample_latents(x0, latent_scale, eps)
-    return x0, labels
+    return x0, batch_condition(batch, condition_kind, encode_text)
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, objective: Objective, x0: Tensor, class_labels: Tensor | None,
+def validation_loss(model: nn.Module, objective: Objective, x0: Tensor, condition: Condition,
                     num_timesteps: int = 10, seed: int = 0, batch_size: int = 64) -> dict:
-    """The denoising loss of `model` on held-out images x0 (N, C, H, W) at a fixed grid of t, with fixed noise.
+    """The denoising loss of `model` on held-out images x0 (N, C, H, W) with their `condition` (fields of N rows,
+    or none) at a fixed grid of t, with fixed noise.
 
     Grid: `objective.grid(num_timesteps)`, evenly spaced values of t (DDPM: timesteps (k + ½)·T/K; flow
     matching: t = (k + ½)/K); neither the training t distribution, its shift, nor the loss weighting apply,
@@ -107,10 +231,10 @@ def validation_loss(model: nn.Module, objective: Objective, x0: Tensor, class_la
         loss_sum = eps_sum = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(x0), batch_size):
             x, n = (a[start : start + batch_size].to(device) for a in (x0, noise))
-            labels = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+            rows = {name: value[start : start + batch_size].to(device) for name, value in condition.items()}
             tt = t.to(device).expand(len(x))
             xt = objective.add_noise(x, n, tt)
-            pred = model(xt, objective.model_timesteps(tt), class_labels=labels).sample.float()
+            pred = model(xt, objective.model_timesteps(tt), **rows).sample.float()
             loss_sum = loss_sum + (pred - objective.target(x, n, tt).float()).square().flatten(1).mean(1).sum()
             eps_sum = eps_sum + (objective.epsilon(pred, xt.float(), tt) - n).square().flatten(1).mean(1).sum()
         loss_t.append(loss_sum.item() / len(x0))
