@@ -19,16 +19,14 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     CLIPProcessor,
-    CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
 )
 
-from uvit_cog import UViTModel, UViTPipeline, UViTText2ImagePipeline
+from uvit_cog import UViTPipeline, UViTText2ImagePipeline
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.images import load_npz_arrays
 from uvit_cog.schedule import make_scheduler, scheduler_config
-from uvit_cog.text import byte_level_clip_tokenizer
+from uvit_cog.testing import tiny_clip_text_config, tiny_clip_tokenizer, tiny_model, tiny_t2i_components, tiny_vae
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +51,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# Class names of `tiny_model` (3 classes): id 1 has a synonym.
-TINY_NAMES = {0: "cat", 1: "dog, puppy", 2: "bird"}
-
-
-def tiny_model(num_classes: int = 3, **overrides) -> UViTModel:
-    """A randomly initialised (seed 0) tiny `UViTModel`: 8x8 RGB, 2 blocks; 3 classes named by `TINY_NAMES`."""
-    torch.manual_seed(0)
-    cfg = dict(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
-    if num_classes == 3:
-        cfg["id2label"] = TINY_NAMES
-    return UViTModel(**{**cfg, **overrides}).eval()
 
 
 def tiny_pipeline(num_classes: int = 3, scheduler: str = "ddim", prediction_type: str = "epsilon",
@@ -98,34 +83,13 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, se
 
 def tiny_vae_dir(path: Path) -> Path:
     """A randomly initialised AutoencoderKL (downsampling by 2, 4 latent channels) saved with save_pretrained."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=16,
-    )
-    vae.save_pretrained(path)
+    tiny_vae().save_pretrained(path)
     return path
 
 
-
 # ----------------------------------------------------------------------------------------------------------
-# Tiny CLIP models, built here: nothing is downloaded, and they load through the same code path as real ones.
-
-
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's tokenizer logic over a byte-level vocabulary (514 ids): `uvit_cog.text.byte_level_clip_tokenizer`."""
-    return byte_level_clip_tokenizer()
-
-
-def tiny_clip_text_config(hidden_size: int = 32, **overrides) -> CLIPTextConfig:
-    """A 2-layer CLIP text model's config over `tiny_clip_tokenizer`'s vocabulary, 77 positions as CLIP's."""
-    tok = tiny_clip_tokenizer()
-    return CLIPTextConfig(**{
-        "vocab_size": len(tok), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
-        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        **overrides})
+# Tiny CLIP models (uvit_cog.testing builds them): nothing is downloaded, and they load through the same code path
+# as real ones.
 
 
 def save_tiny_clip_text(path: Path, hidden_size: int = 32, seed: int = 0) -> Path:
@@ -142,13 +106,7 @@ def tiny_t2i_pipeline(scheduler: str = "ddim", vae: AutoencoderKL | None = None,
                       **overrides) -> UViTText2ImagePipeline:
     """A `UViTText2ImagePipeline` around a tiny text-conditional `UViTModel` (8x8, 2 blocks, seed 0) and a tiny
     random CLIP text model (width 32) with `tiny_clip_tokenizer`; linear schedule, progress bar off."""
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(tiny_clip_text_config()).eval()
-    in_channels = vae.config.latent_channels if vae is not None else 3
-    model = tiny_model(num_classes=0, text_dim=32, num_text_tokens=num_text_tokens, in_channels=in_channels,
-                       **overrides)
-    pipe = UViTText2ImagePipeline(model, make_scheduler(scheduler, scheduler_config("linear", "epsilon")), vae,
-                                  text_encoder, tiny_clip_tokenizer())
+    pipe = UViTText2ImagePipeline(**tiny_t2i_components(scheduler, vae, num_text_tokens, **overrides))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NAMES, tiny_pipeline
+from conftest import tiny_pipeline
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
@@ -18,6 +18,7 @@ from PIL import Image
 from uvit_cog import UViTModel, UViTPipeline, load_pipeline
 from uvit_cog.model import UViTModelOutput
 from uvit_cog.schedule import SCHEDULERS, make_scheduler, scheduler_config
+from uvit_cog.testing import TINY_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -439,21 +439,37 @@ class UViTText2ImagePipeline(UViTPipelineBase):
         text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, objective: str | None = None,
     ) -> None:
         super().__init__()
-        if backbones.condition_kind(transformer.config) != "text":
+        # Any component may be None, as in diffusers' pipelines: one holding only the text encoder and tokenizer
+        # computes `prompt_embeds` for another that holds no text encoder (`encode_prompt`).
+        if transformer is not None and backbones.condition_kind(transformer.config) != "text":
             raise ValueError("this model is not text-conditional (text_dim=0): sample it with UViTPipeline")
-        if text_encoder is not None and tokenizer is not None:
+        if transformer is not None and text_encoder is not None and tokenizer is not None:
             check_text_encoder(text_encoder, tokenizer, transformer.config.text_dim,
                                transformer.config.num_text_tokens)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer)
-        self.register_to_config(objective=objective or scheduler_family(scheduler.config))
+        if objective is None and scheduler is not None:
+            objective = scheduler_family(scheduler.config)
+        self.register_to_config(objective=objective)
+
+    @property
+    def num_text_tokens(self) -> int:
+        """Tokens per prompt: the model's `num_text_tokens`. Without a transformer, the text encoder's positions
+        (CLIP's 77, which every U-ViT MS-COCO model reads); a model of another length then refuses the features
+        by their shape."""
+        if self.transformer is not None:
+            return self.transformer.config.num_text_tokens
+        positions = getattr(getattr(self.text_encoder, "config", None), "max_position_embeddings", None)
+        if positions is None:
+            raise ValueError("this pipeline has no transformer and its text encoder names no max_position_embeddings: "
+                             "the number of text tokens is unknown; encode prompts with the model's pipeline")
+        return int(positions)
 
     def _encode(self, prompts: list[str], device: torch.device) -> Tensor:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
                              "negative_prompt_embeds for guidance) instead of prompts")
-        max_length = self.transformer.config.num_text_tokens
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length, device)
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.num_text_tokens, device)
 
     def encode_prompt(
         self,
@@ -474,20 +490,23 @@ class UViTText2ImagePipeline(UViTPipelineBase):
         device = device or self._execution_device
         if prompt_embeds is None:
             prompt_embeds = self._encode(flatten_prompts(prompt), device)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+        # The model's dtype; a pipeline without a transformer keeps the text encoder's.
+        dtype = self.transformer.dtype if self.transformer is not None else prompt_embeds.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         n = len(prompt_embeds)
-        negative = None
-        if do_classifier_free_guidance:
-            if negative_prompt_embeds is not None:
-                negative = negative_prompt_embeds
-            else:
-                negatives = [""] if negative_prompt is None else flatten_prompts(negative_prompt, "negative_prompt")
-                if len(negatives) not in (1, n):
-                    raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; give one or one each")
-                negative = self._encode(negatives, device)
-            negative = negative.to(device=device, dtype=prompt_embeds.dtype).expand(n, -1, -1)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        elif negative_prompt_embeds is None:
+            negatives = [""] if negative_prompt is None else flatten_prompts(negative_prompt, "negative_prompt")
+            if len(negatives) not in (1, n):
+                raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; give one or one each")
+            negative_prompt_embeds = self._encode(negatives, device)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype).expand(n, -1, -1)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, None if negative is None else negative.repeat_interleave(num_images_per_prompt, dim=0)
+        # diffusers' shared tests pass what this returns to `__call__` by these names: keep them its parameters'.
+        return prompt_embeds, negative_prompt_embeds
 
     def check_inputs(
         self,
