@@ -130,6 +130,19 @@ def conditioning(cfg: DictConfig, accelerator: Accelerator, model_config: dict, 
     return Conditioning(kind, {"encoder_hidden_states": null}, encoder, tokenizer, None if features else encode)
 
 
+def latent_vae(cfg: DictConfig) -> AutoencoderKL | None:
+    """The VAE of latent data (it decodes the grids and ships with the exports), None for pixel data. Its scaling
+    factor is set to `data.scale_factor`, the one training multiplies latents by, so that the exported pipeline
+    decodes as trained: U-ViT trains Stable Diffusion's latents at 0.23010, though the VAE's own config says
+    0.18215."""
+    if cfg.data.kind != "latents":
+        return None
+    vae = AutoencoderKL.from_pretrained(cfg.data.vae or read_latent_meta(cfg.data.root)["vae"])
+    if vae.config.scaling_factor != cfg.data.scale_factor:
+        vae.register_to_config(scaling_factor=cfg.data.scale_factor)
+    return vae
+
+
 def grid_prompts(cfg: DictConfig, dataset, num: int) -> list[str] | None:
     """The sample grids' prompts: `sample.prompts`, else the first caption of `num` evenly spaced training items."""
     if cfg.sample.get("prompts"):
@@ -186,8 +199,7 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     dataset = build_dataset(OmegaConf.to_container(cfg.data, resolve=True))  # plain values, never a DictConfig
-    latent = cfg.data.kind == "latents"
-    vae = AutoencoderKL.from_pretrained(cfg.data.vae or read_latent_meta(cfg.data.root)["vae"]) if latent else None
+    vae = latent_vae(cfg)
     set_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     cond = conditioning(cfg, accelerator, dict(model.config), dataset)

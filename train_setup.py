@@ -144,8 +144,11 @@ def _validate_val(cfg: DictConfig) -> None:
     if split == "holdout" and holdout < v.num_images:
         raise ValueError(f"val.num_images={v.num_images} but data.holdout={holdout} items are held out of training: "
                          f"set data.holdout >= {v.num_images}, lower val.num_images, or set val.every=0")
-    if split == "test" and cfg.data.kind not in ("cifar10", "npz"):
-        raise ValueError(f"data={cfg.data.kind} has no test split for the validation loss: set data.val_split=holdout "
+    has_test = cfg.data.kind in ("cifar10", "npz") or (cfg.data.kind == "latents" and cfg.data.get("val_root")) or (
+        cfg.data.kind == "captions" and cfg.data.get("format") == "coco")
+    if split == "test" and not has_test:
+        raise ValueError(f"data={cfg.data.kind} has no test split for the validation loss (latents: data.val_root; "
+                         "MS-COCO: val2014): set data.val_split=holdout "
                          f"and data.holdout=N (N >= val.num_images={v.num_images} items held out of training), or "
                          "val.every=0")
 

@@ -354,8 +354,9 @@ def build_validation_dataset(cfg: Mapping) -> Dataset:
     """The held-out images of a `data` config for the validation loss, by `val_split`:
 
     "test": the data's test split: CIFAR-10's test set, an .npz's `x_test` (with `y_test`) beside the
-    training array; "holdout": the `holdout` items that `build_dataset` keeps out of training. Neither is ever
-    trained on: a config that would train on its own test split is refused.
+    training array, MS-COCO's `val_split_name` (val2014) beside its training split, or for latents the folder
+    `val_root` (e.g. val2014 extracted like the training set); "holdout": the `holdout` items that `build_dataset`
+    keeps out of training. Neither is ever trained on: a config that would train on its own test split is refused.
     """
     split, kind = cfg.get("val_split", "test"), cfg["kind"]
     if split not in VAL_SPLITS:
@@ -378,6 +379,15 @@ def build_validation_dataset(cfg: Mapping) -> Dataset:
         dataset = ArrayDataset(*load_npz_arrays(f"{path}:x_test"), resolution=cfg["resolution"])
         check_dataset(dataset, cfg)
         return dataset
+    if kind == "latents" and cfg.get("val_root"):
+        if str(cfg["val_root"]) == str(cfg["root"]):
+            raise ValueError(f"data.val_root={cfg['val_root']} is the training data: give the held-out latents")
+        return build_dataset({**cfg, "root": cfg["val_root"], "val_split": None, "max_images": None})
+    if kind == "captions" and cfg.get("format") == "coco":
+        test = cfg.get("val_split_name") or "val2014"
+        if test == (cfg.get("split") or "train2014"):
+            raise ValueError(f"data.split={test} is also the validation split: set data.val_split_name to another")
+        return build_dataset({**cfg, "split": test, "val_split": None, "max_images": None})
     raise ValueError(f"data={kind} has no test split: set data.val_split=holdout and data.holdout=N (N items held "
                      "out of training for the validation loss), or val.every=0")
 
@@ -387,7 +397,7 @@ def check_dataset(dataset: Dataset, cfg: Mapping) -> None:
     where = f"data={cfg['kind']} ({cfg.get('root') or cfg.get('path') or 'built in'})"
     found_fields = {"channels": dataset.channels, "resolution": dataset.resolution, "num_classes": dataset.num_classes}
     if isinstance(dataset, LatentDataset):
-        found_fields["scale_factor"] = dataset.scale_factor
+        # (data.scale_factor may differ from the VAE's own: U-ViT trains SD latents at 0.23010, not 0.18215.)
         if dataset.has_text:  # features made by one encoder train only a model of that encoder's width
             meta, encoder = dataset.meta, cfg.get("text_encoder")
             if encoder and str(encoder) != meta["text_encoder"]:
