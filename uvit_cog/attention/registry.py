@@ -123,8 +123,8 @@ def register_attention_kind(**fields: Any) -> AttentionKind:
     if kind.name in ATTENTION_KINDS:
         _refuse(kind.name, "registered already")
     kind = _completed(kind)
-    base = ATTENTION_KINDS.get(kind.base)
-    object.__setattr__(kind, "function", kind_function(kind) if base is None else base.function)  # frozen: set once
+    function = kind_function(kind) if kind.base == kind.name else ATTENTION_KINDS[kind.base].function
+    object.__setattr__(kind, "function", function)  # frozen: set here, once
     ATTENTION_KINDS[kind.name] = kind
     return kind
 
