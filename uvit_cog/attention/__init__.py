@@ -11,10 +11,11 @@ Shared rules for every kind: q (B, H, N, D), k and v (B, H, M, D); a bool mask b
 the absolute value); a row with no kept key gives zeros; scores and normalisers are float32 (float64
 stays), so fp16/bf16 inputs and |s| up to 1e4 stay finite; the output has v's dtype.
 
-One concept per module, imports pointing down: `weights` (the specification of each row map) → `registry`
-(declarations) → `dispatch` (running a kind: reference, own implementations, `uvit_cog.kernels`) → `kinds` (the
-built-in declarations) and `modules` (the layers) → `capture` (recording their weights); `lean` is Cog's
-autograd Function, `layers` the block selections ("first_last", ...) that place kinds in a model.
+One concept per module, imports pointing down: `weights` (the specification of each row map) → `dispatch`
+(running a kind: reference, own implementations, `uvit_cog.kernels`) → `registry` (the declarations; each
+parameter-free kind gets its function from `dispatch`) → `kinds` (the built-in declarations) and `modules` (the
+layers) → `capture` (recording their weights); `lean` is Cog's autograd Function (`impl="torch"`), `layers` the
+block selections ("first_last", ...) that place kinds in a model.
 """
 
 from .capture import AttentionCapture, capture_attention
