@@ -5,7 +5,7 @@
     python bench/attention.py --kinds-only    # only the table of every fused kind
     python bench/attention.py --threads 1 --clock process   # CPU time of one thread: steady on a loaded machine
 
-The kinds table times every row map of the fused kernels (cog, softmax, softmax1, softpick, sigmoid)
+The kinds table times every row map of the fused kernels (cog, softmax, sigmoid, softpick, softmax1, ...)
 through the blocked CPU path (the Triton kernels on a GPU) against SDPA, interleaved in one round.
 On a machine that other jobs load, wall times of the fused CPU path (hundreds of short multi-threaded
 ATen calls, each ending in a barrier that waits for a descheduled thread) inflate far more than SDPA's;
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import uvit_cog.kernels.cpu as cpu_kernels
 from uvit_cog import attention_variants, cog_attention
+from uvit_cog.attention import kernel_kinds
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CPU_IMPLS: dict[str, Fn] = {
@@ -46,7 +47,7 @@ CPU_IMPLS: dict[str, Fn] = {
     'cog "cpu" fused': lambda q, k, v: cog_attention(q, k, v, impl="cpu"),
 }
 LINEAR_MEMORY = ["sdpa softmax", 'cog "cpu" fused']  # timed side by side, apart from the O(N²) ones
-FUSED_KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
+FUSED_KINDS = tuple(kernel_kinds())  # every kind with a fused row map
 
 
 def _kind_impl(kind: str, impl: str) -> Fn:

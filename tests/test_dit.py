@@ -238,6 +238,29 @@ def test_cog_is_kept_by_saves_and_copies(tmp_path):
     assert "uvit_cog_attention" not in model.config and kinds(DiTModel.from_config(model.config)) == ["softmax"] * 3
 
 
+def test_configs_written_before_first_last_had_one_meaning_build_the_same_models(tmp_path):
+    """DiT's configs once named the blocks that GOT the kind, with "first_last" for every block but the first and
+    the last: a DiTModel config.json of then (its set_attention record has no "format") and a saved run's model
+    fields (`attention_layers`) still build U-ViC's placement, equal to today's `softmax_layers="first_last"`."""
+    model = tiny_dit(attention_type="cog")
+    assert kinds(model) == ["softmax", "cog", "softmax"]
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["uvit_cog_attention"]["layers"] == "all_but_first_last"
+    config["uvit_cog_attention"] = {"kind": "cog", "layers": "first_last", "note": "as written before"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for old in (DiTModel.from_pretrained(tmp_path), load_model(tmp_path)):
+        assert kinds(old) == ["softmax", "cog", "softmax"]
+        torch.testing.assert_close(old.eval()(*inputs()).sample, model(*inputs()).sample, rtol=0, atol=0)
+    fields = dict(backbone="dit", preset=None, hidden_size=32, depth=5, num_heads=2, patch_size=2, sample_size=8,
+                  in_channels=1, num_classes=3, learn_sigma=False, attention_type="cog")
+    for then, now in (("first_last", "first_last"), ("all", "none"), ("none", "all"), ([1, 2], [0, 3, 4])):
+        assert backbone_arguments({**fields, "attention_layers": then}) == backbone_arguments(
+            {**fields, "softmax_layers": now})
+    with pytest.raises(ValueError, match="both set"):
+        backbone_arguments({**fields, "attention_layers": "all", "softmax_layers": "none"})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The pipeline on any DiT
 
@@ -321,7 +344,7 @@ def test_twins_differ_only_in_attention():
     for name in EXPERIMENTS:
         cog, base = train_config(f"experiment={name}_cog"), train_config(f"experiment={name}")
         assert cog.model.attention_type == "cog" and base.model.attention_type == "softmax"
-        assert cog.model.attention_layers == "first_last"
+        assert cog.model.softmax_layers == "first_last"
         cog.model.attention_type, cog.name = base.model.attention_type, base.name
         assert cog == base
     for size in ("s2", "b2", "l2", "xl2"):

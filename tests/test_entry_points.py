@@ -85,6 +85,8 @@ def test_every_entry_point_starts_from_the_repository_root():
             assert f"OK {script}" in outputs[folder], f"{script} did not start:\n{outputs[folder][-3000:]}"
 
 
-@pytest.mark.parametrize("module", ["uvit_cog.kernels", "uvit_cog.kernels.cpu", "uvit_cog.kernels.triton_cog"])
+@pytest.mark.parametrize("module", ["uvit_cog.kernels", "uvit_cog.kernels.cpu", "uvit_cog.kernels.row_maps",
+                                    "uvit_cog.kernels.triton_rows", "uvit_cog.kernels.triton_tiling",
+                                    "uvit_cog.kernels.triton_tuning", "uvit_cog.kernels.tolerances"])
 def test_kernels_import_from_their_source_path(module):
     assert Path(importlib.import_module(module).__file__).resolve().parent == ROOT / "uvit_cog" / "kernels"

@@ -6,7 +6,6 @@ that imports this module with the variable set; each case is then asserted here 
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,16 +14,15 @@ import textwrap
 import pytest
 import torch
 
-import uvit_cog.attention as attention
+import uvit_cog.attention.dispatch as dispatch
 import uvit_cog.kernels.cpu as cpu_kernels
 from uvit_cog import Attention, cog_attention
-from uvit_cog.attention import reference_attention
-from uvit_cog.kernels import triton_cog
-from uvit_cog.kernels.cpu import attention_cpu, cog_attention_cpu
+from uvit_cog.attention import get_attention_kind, kernel_kinds, reference_attention
+from uvit_cog.kernels import triton_tiling, triton_tuning
+from uvit_cog.kernels.cpu import attention_cpu
+from uvit_cog.kernels.tolerances import kernel_error
 
-KINDS = ("cog", "softmax", "softmax1", "softpick", "sigmoid")
-
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+KINDS = tuple(kernel_kinds())  # every kind with a fused row map, as registered
 
 
 def make_inputs(N, M, D, dtype, mask_kind=None, H=2, magnitude=1.0, seed=0):
@@ -43,15 +41,10 @@ def make_inputs(N, M, D, dtype, mask_kind=None, H=2, magnitude=1.0, seed=0):
     return [t.requires_grad_() for t in (q, k, v)], mask, grad
 
 
-def error(got, want, tol, what, floor=1e-2):
-    """[what, max error, allowed error], or a failure string if got is not finite.
-
-    The error is relative to the largest reference value, or to `floor` where that is smaller.
-    """
-    got, want = got.detach().float(), want.detach().float()
-    if not torch.isfinite(got).all():
-        return f"{what}: non-finite values"
-    return [what, (got - want).abs().max().item(), tol * max(want.abs().max().item(), floor)]
+def error(got, want, dtype, what, floor=1e-2):
+    """[what, max error, allowed error] (`uvit_cog.kernels.tolerances`), or a failure string if got is not finite."""
+    found = kernel_error(got, want, dtype, floor)
+    return f"{what}: non-finite values" if found is None else [what, *found]
 
 
 def assert_matches(checks):
@@ -61,23 +54,12 @@ def assert_matches(checks):
         assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-def kind_params(kind, M, learned_sink=False):
-    """The kind's parameters as the kernels take them: sigmoid's b = −log M, softpick's ε, a sink per head."""
-    if kind == "sigmoid":
-        return {"bias": -math.log(M)}
-    if kind == "softpick":
-        return {"eps": 1e-6}
-    if kind == "softmax1" and learned_sink:
-        return {"sink": torch.tensor([0.7, -1.5], requires_grad=True)}
-    return {}
-
-
 def compare_to_reference(fn, N, M, D, dtype, mask_kind, magnitude=1.0, floor=1e-2, kind="cog", learned_sink=False):
     """Errors of fn's output and dq, dk, dv (and d sink) against the reference, and whether the empty row is zero."""
     (q, k, v), mask, grad = make_inputs(N, M, D, dtype, mask_kind, magnitude=magnitude)
-    params = kind_params(kind, M, learned_sink)
-    inputs = (q, k, v, *params.values()) if learned_sink else (q, k, v)
-    out = fn(q, k, v, mask, kind=kind, **params)
+    params = {"sink": torch.tensor([0.7, -1.5], requires_grad=True)} if learned_sink else {}  # a sink per head
+    inputs = (q, k, v, *params.values())
+    out = fn(q, k, v, mask, row_map=get_attention_kind(kind).row_map, **params)
     label = f"{kind} N={N} M={M} D={D} {dtype} mask={mask_kind} magnitude={magnitude} sink={learned_sink}"
     if out.dtype != dtype or out.shape != (1, 2, N, D):
         return [f"{label}: output {out.dtype} {tuple(out.shape)}"]
@@ -85,7 +67,7 @@ def compare_to_reference(fn, N, M, D, dtype, mask_kind, magnitude=1.0, floor=1e-
     ref = reference_attention(kind, q, k, v, mask, **params)
     want = (ref, *torch.autograd.grad(ref, inputs, grad))
     names = ("out", "dq", "dk", "dv", "dsink")[: len(got)]
-    checks = [error(a, b, TOL[dtype], f"{name} {label}", floor) for name, a, b in zip(names, got, want, strict=True)]
+    checks = [error(a, b, dtype, f"{name} {label}", floor) for name, a, b in zip(names, got, want, strict=True)]
     if mask_kind == "rows" and not (torch.all(out[0, 0, N // 2] == 0) and torch.all(got[1][0, 0, N // 2] == 0)):
         checks.append(f"{label}: the row with no kept key is not zero")
     return checks
@@ -121,21 +103,26 @@ TRITON_CASES += [(kind, *LARGE) for kind in KINDS[1:]]
 
 def triton_report() -> list:
     """compare_to_reference for every Triton case, and softmax1 with a learned sink; run in the interpreter child."""
-    from uvit_cog.kernels.triton_cog import INTERPRET, attention_triton
+    from uvit_cog.kernels.triton_tiling import INTERPRET, attention_triton
 
     assert INTERPRET, "set TRITON_INTERPRET=1 before importing triton"
     checks = [compare_to_reference(attention_triton, *case[1:], kind=case[0]) for case in TRITON_CASES]
     return checks + [compare_to_reference(attention_triton, *KIND_CASES[0], kind="softmax1", learned_sink=True)]
 
 
-@pytest.fixture(scope="module")
-def interpreted_checks():
+def run_interpreted(module: str, function: str):
+    """`function()` of the test module `module`, run in a child process with TRITON_INTERPRET=1; its JSON result."""
     script = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-    script += "import test_kernels; print(json.dumps(test_kernels.triton_report()))"
+    script += f"import {module}; print(json.dumps({module}.{function}()))"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted_checks():
+    return run_interpreted("test_kernels", "triton_report")
 
 
 TRITON_IDS = [str(c[:6]) for c in TRITON_CASES] + ["softmax1 learned sink"]
@@ -180,7 +167,8 @@ def test_cpu_blocking_gradcheck(monkeypatch, kind, elements, heads_per_block, ro
     q, k, v = (torch.randn(1, 3, n, 4, generator=g, dtype=torch.float64).requires_grad_() for n in (9, 7, 7))
     mask = torch.rand(1, 1, 9, 7, generator=g) > 0.3
     mask[0, 0, 4] = False
-    assert torch.autograd.gradcheck(lambda q, k, v: attention_cpu(q, k, v, mask, 0.7, kind=kind), (q, k, v))
+    row_map = get_attention_kind(kind).row_map
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_cpu(q, k, v, mask, 0.7, row_map=row_map), (q, k, v))
 
 
 def test_cpu_blocks_hold_a_multiple_of_the_thread_count_of_heads(monkeypatch):
@@ -235,27 +223,27 @@ def test_cpu_memory_stays_linear_in_sequence_length():
 def test_dispatch_defaults_and_model_agrees_across_impls(monkeypatch):
     """CPU tensors go to the CPU kernel; an Attention layer gives the same outputs and grads with any impl."""
     x = torch.randn(2, 37, 64)
-    assert attention._default_impl(x) == "cpu"
+    assert dispatch.default_impl(get_attention_kind("cog"), x, 0.0) == "cpu"
     layer = Attention(64, num_heads=4)
     results = {}
     for impl in ("reference", "torch", "cpu"):
-        monkeypatch.setattr(attention, "_default_impl", lambda q, impl=impl: impl)
+        monkeypatch.setattr(dispatch, "default_impl", lambda kind, q, dropout_p, impl=impl: impl)
         layer.zero_grad()
         out = layer(x)
         out.square().sum().backward()
         results[impl] = (out, layer.qkv.weight.grad.clone())
     for impl in ("torch", "cpu"):
         for got, want in zip(results[impl], results["reference"], strict=True):
-            assert_matches([error(got, want, 1e-4, impl)])
+            assert_matches([error(got, want, torch.float32, impl)])
 
 
 def test_triton_impl_needs_cuda_tensors():
     q = torch.randn(1, 1, 4, 16)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA tensors"):
-            triton_cog.cog_attention_triton(q, q, q)
+            cog_attention(q, q, q, impl="triton")
     with pytest.raises(ValueError, match="dtype"):
-        triton_cog.cog_attention_triton(q.double(), q.double(), q.double())
+        cog_attention(q.double(), q.double(), q.double(), impl="triton")
 
 
 def test_unknown_impl_and_cpu_kernel_on_other_device():
@@ -263,19 +251,19 @@ def test_unknown_impl_and_cpu_kernel_on_other_device():
     with pytest.raises(ValueError, match="unknown impl"):
         cog_attention(q, q, q, impl="flash")
     with pytest.raises(ValueError, match="CPU tensors"):
-        cog_attention_cpu(q.to("meta"), q.to("meta"), q.to("meta"))
+        cog_attention(q.to("meta"), q.to("meta"), q.to("meta"), impl="cpu")
 
 
 def test_triton_autotune_configs_fit():
     """Autotuning keeps at least one config for every kernel and only small tiles for float32 dots."""
     pairs = [(32, 32), (64, 64), (128, 64)]
-    configs = triton_cog._configs(pairs)
+    configs = triton_tuning.configs(pairs)
     for precision in ("ieee", "tf32"):
-        kept = triton_cog._prune(configs, {}, PRECISION=precision)
+        kept = triton_tuning.prune(configs, {}, PRECISION=precision)
         assert kept
         limit = 2048 if precision == "ieee" else 8192
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit for c in kept)
-    assert len(triton_cog._prune(configs, {}, PRECISION="ieee")) < len(configs)
+    assert len(triton_tuning.prune(configs, {}, PRECISION="ieee")) < len(configs)
 
 
 def test_triton_kernels_compile_for_hopper():
@@ -284,11 +272,16 @@ def test_triton_kernels_compile_for_hopper():
     from triton.compiler import ASTSource, compile
 
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    kinds = [(kind, triton_cog._cog_fwd) for kind in triton_cog.KINDS]
-    backward = (triton_cog._cog_bwd_dkdv, triton_cog._cog_bwd_dq)
-    kinds += [(kind, kernel) for kind in ("cog", "softpick") for kernel in backward]
-    for kind, kernel in kinds:
-        consts = {"HAS_MASK": True, "PRECISION": "tf32", "KIND": kind, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
+    kernels = []
+    for kind in KINDS:
+        rows = get_attention_kind(kind).row_map.triton_row_map()
+        kernels.append((kind, triton_tiling._tiled_fwd, dict(START=rows.start, TILE=rows.tile, FINISH=rows.finish)))
+        if kind in ("cog", "softpick"):
+            kernels += [(kind, kernel, dict(GRADIENT=rows.gradient))
+                        for kernel in (triton_tiling._tiled_bwd_dkdv, triton_tiling._tiled_bwd_dq)]
+    for kind, kernel, row_map in kernels:
+        consts = {"HAS_MASK": True, "PRECISION": "tf32", "KIND": kind, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128,
+                  **row_map}
         signature = {}
         for name in kernel.arg_names:
             if name in consts:

@@ -21,6 +21,8 @@ def tiny(**overrides):
     "softmax_layers,expected",
     [
         ("first_last", ["softmax"] + ["cog"] * 11 + ["softmax"]),
+        ("all_but_first_last", ["cog"] + ["softmax"] * 11 + ["cog"]),
+        ([0, -1], ["softmax"] + ["cog"] * 11 + ["softmax"]),
         ("none", ["cog"] * 13),
         ("all", ["softmax"] * 13),
         ([1, 6, 12], ["cog", "softmax"] + ["cog"] * 4 + ["softmax"] + ["cog"] * 5 + ["softmax"]),

@@ -211,7 +211,7 @@ def test_other_kinds_equal_their_reference(name, kind):
 @pytest.mark.parametrize("name", COVERED)
 def test_a_training_step_runs(name, autocast):
     model, inputs = build(name)
-    set_attention(model, "cog", "first_last")
+    set_attention(model, "cog", "all_but_first_last")
     model.train()
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -254,7 +254,8 @@ def test_layer_order_per_family():
 
 
 @pytest.mark.parametrize(("layers", "expected"), [
-    ("first_last", [False, True, True, False]),
+    ("all_but_first_last", [False, True, True, False]),
+    ("first_last", [True, False, False, True]),
     ("all", [True] * 4),
     ("none", [False] * 4),
     ([1], [False, True, False, False]),
@@ -270,13 +271,13 @@ def test_layers_select_the_blocks(layers, expected):
         assert CONFIG_KEY not in model.config
 
 
-def test_first_last_output_equals_a_reference_on_the_middle_layers():
+def test_all_but_first_last_output_equals_a_reference_on_the_middle_layers():
     """U-ViC's choice on SD3: the first and last block stay softmax, the middle one is Cog, in values."""
     model, inputs = build("sd3")
     middle = [model.get_submodule(n) for n in attention_layers(model)[1][1]]
     with torch.no_grad(), every_attention_call(torch.nn.ModuleList(middle), cog_reference):
         expected = run(model, inputs)
-    set_attention(model, "cog", "first_last")
+    set_attention(model, "cog", "all_but_first_last")
     with torch.no_grad():
         torch.testing.assert_close(run(model, inputs), expected, atol=2e-5, rtol=1e-4)
 
@@ -410,12 +411,12 @@ def diffusers_warnings() -> Iterator[list[str]]:
 @pytest.mark.parametrize("name", ["dit", "flux"])
 def test_saved_attention_reloads_with_load_model(name, tmp_path):
     model, inputs = build(name)
-    set_attention(model, "cog", "first_last")
+    set_attention(model, "cog", "all_but_first_last")
     with torch.no_grad():
         expected = run(model, inputs)
     model.save_pretrained(tmp_path)
     record = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]
-    assert record["kind"] == "cog" and record["layers"] == "first_last"
+    assert record["kind"] == "cog" and record["layers"] == "all_but_first_last" and record["format"] == 2
     with diffusers_warnings() as messages:
         loaded = load_model(tmp_path).eval()
     assert not [m for m in messages if CONFIG_KEY in m]
@@ -467,8 +468,9 @@ def _uvit(**config) -> UViTModel:
                      num_classes=3, **config).eval()
 
 
-@pytest.mark.parametrize(("kind", "layers"), [("cog", "first_last"), ("sigmoid", [1, 2]), ("softpick", "all"),
-                                              ("cog", "none"), ("softmax", "all")])
+@pytest.mark.parametrize(("kind", "layers"), [("cog", "all_but_first_last"), ("cog", "first_last"),
+                                              ("sigmoid", [1, 2]), ("softpick", "all"), ("cog", "none"),
+                                              ("softmax", "all")])
 def test_uvit_set_attention_is_its_config(kind, layers, tmp_path):
     model = _uvit(attention_type="softmax")
     set_attention(model, kind, layers)
@@ -483,10 +485,14 @@ def test_uvit_set_attention_is_its_config(kind, layers, tmp_path):
         torch.testing.assert_close(loaded(x, t, y).sample, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_uvit_first_last_is_uvic():
+def test_uvit_default_layers_are_uvic():
     model = _uvit(attention_type="softmax")
     set_attention(model, "cog")
     assert model.attention_types == _uvit(attention_type="cog").attention_types == ["softmax", *["cog"] * 3, "softmax"]
+    assert model.config.softmax_layers == "first_last"  # the same words in both: the first and the last block
+    set_attention(model, "cog", "first_last")
+    assert model.attention_types == ["cog", *["softmax"] * 3, "cog"]
+    assert model.config.softmax_layers == "all_but_first_last"
 
 
 def test_uvit_kinds_with_weights_are_refused():

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uvit_cog import ATTENTION_KINDS, UViTModel, attention_variants, capture_attention
-from uvit_cog.attention import Attention, AttentionKind, diff_lambda_init, make_attention, register_attention_kind
+from uvit_cog import ATTENTION_KINDS, UViTModel, attention_variants, capture_attention, cog_attention
+from uvit_cog.attention import Attention, cog_weights, diff_lambda_init, make_attention, register_attention_kind
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PARAMETER_FREE = ("softmax", "cog", "sigmoid", "softpick", "softmax1")
@@ -141,11 +141,19 @@ def test_registry_describes_every_kind():
     assert ATTENTION_KINDS["cog"].negative_weights and ATTENTION_KINDS["diff"].negative_weights
     assert not ATTENTION_KINDS["softpick"].negative_weights and ATTENTION_KINDS["softpick"].sparse
     assert ATTENTION_KINDS["softmax1"].sink and not ATTENTION_KINDS["softmax"].sink
-    assert attention_variants["cog"] is ATTENTION_KINDS["cog"].function
+    assert attention_variants["cog"] is cog_attention
     with pytest.raises(ValueError, match="registered already"):
-        register_attention_kind(ATTENTION_KINDS["cog"])
-    with pytest.raises(ValueError, match="base"):
-        register_attention_kind(AttentionKind("x", "", "", "linear", False, False, False, ()))
+        register_attention_kind(name="cog", formula="", reference="", weights=cog_weights)
+    with pytest.raises(ValueError, match="base 'linear'"):
+        register_attention_kind(name="x", formula="", reference="", base="linear", gate="elementwise")
+    with pytest.raises(ValueError, match="needs weights"):
+        register_attention_kind(name="x", formula="", reference="")
+    with pytest.raises(ValueError, match="give base="):
+        register_attention_kind(name="x", formula="", reference="", weights=cog_weights, gate="elementwise")
+    with pytest.raises(ValueError, match=r"arguments \['tau'\] do not reach the fused kernels"):
+        register_attention_kind(name="x", formula="", reference="", weights=cog_weights, arguments={"tau": 1.0},
+                                row_map=ATTENTION_KINDS["cog"].row_map)
+    assert "x" not in ATTENTION_KINDS  # nothing refused was registered
 
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))

@@ -183,7 +183,7 @@ def render_attention_maps(
         attn = model.blocks[b].attn
         w = maps[b][h]  # (N, N)
         axes[r][0].imshow((image.squeeze(-1) if image.shape[-1] == 1 else image).numpy(), cmap="gray")
-        axes[r][0].set_ylabel(f"block {b} {attn.attention_type}\nhead {h}", fontsize=6)
+        axes[r][0].set_ylabel(f"block {b} {attn.kind.name}\nhead {h}", fontsize=6)
         for c, q in enumerate(query_tokens, start=1):
             m = w[extras + q, extras:].reshape(side, side)
             lim = float(m.abs().max()) or 1.0

@@ -19,23 +19,25 @@ from typing import Any
 
 from diffusers.models.modeling_utils import ModelMixin
 
-from .dit import DIT_PRESETS, build_dit
+from .dit import DIT_PRESETS, build_dit, dit_fields
 from .model import PRESETS, UViTModel
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """A trainable backbone: its builder (explicit keyword arguments), its named sizes and the condition kinds
-    (`uvit_cog.conditioning`) it can take."""
+    """A trainable backbone: its builder (explicit keyword arguments), its named sizes, the condition kinds
+    (`uvit_cog.conditioning`) it can take, and how the fields of an earlier model description map onto the
+    builder's arguments (`upgrade`; the identity where none changed)."""
 
     build: Callable[..., ModelMixin]
     presets: Mapping[str, Mapping[str, Any]]
     conditions: tuple[str, ...]
+    upgrade: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
 
 
 BACKBONES: dict[str, Backbone] = {
     "uvit": Backbone(build=UViTModel, presets=PRESETS, conditions=("none", "class", "text")),
-    "dit": Backbone(build=build_dit, presets=DIT_PRESETS, conditions=("none", "class")),
+    "dit": Backbone(build=build_dit, presets=DIT_PRESETS, conditions=("none", "class"), upgrade=dit_fields),
 }
 DEFAULT_BACKBONE = "uvit"  # model configs without a `backbone` field (every U-ViT config, runs saved before DiT)
 
@@ -44,7 +46,8 @@ def backbone_arguments(fields: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(backbone name, builder arguments) of a model description: its preset's sizes under the fields given.
 
     `fields` holds `backbone` (default "uvit"), `preset` (a name of that backbone's presets, or None) and the
-    builder's arguments; a field that is None takes the preset's value (or the builder's default).
+    builder's arguments; a field that is None takes the preset's value (or the builder's default). A description
+    saved by an earlier version gives the arguments that build the same model (`Backbone.upgrade`).
     """
     kwargs = {k: v for k, v in fields.items() if v is not None}
     name = kwargs.pop("backbone", DEFAULT_BACKBONE)
@@ -54,7 +57,7 @@ def backbone_arguments(fields: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     presets = BACKBONES[name].presets
     if preset is not None and preset not in presets:
         raise ValueError(f"preset={preset!r} is no {name} size: choose one of {sorted(presets)} or null (sizes given)")
-    return name, {**presets.get(preset, {}), **kwargs}
+    return name, BACKBONES[name].upgrade({**presets.get(preset, {}), **kwargs})
 
 
 def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:

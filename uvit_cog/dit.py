@@ -46,6 +46,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import Tensor, nn
 
+from .attention import complement
 from .processors import CONFIG_KEY, restore_attention, set_attention
 
 # DiT's published sizes (Peebles & Xie 2023, Table 1; `models.py` DiT_models): width, depth, heads and patch.
@@ -199,15 +200,15 @@ def build_dit(
     num_classes: int,
     learn_sigma: bool = False,
     attention_type: str = "softmax",
-    attention_layers: str | Sequence[int] = "first_last",
+    softmax_layers: str | Sequence[int] = "first_last",
     id2label: Mapping[int | str, str] | None = None,
 ) -> DiTModel:
     """A freshly initialised `DiTModel` in DiT's own terms (`models.py`: hidden_size, depth, num_heads, ...).
 
-    `attention_type` is placed with `set_attention(model, attention_type, attention_layers)`: `attention_layers`
-    names the blocks that *get* it ("first_last": every block but the first and the last, as U-ViC; "all";
-    "none"; or block indices), the opposite of UViTModel's `softmax_layers`. "softmax" keeps diffusers' own
-    attention. `learn_sigma` doubles the output channels as DiT's learned variance (see the module docstring).
+    `attention_type` goes into every block but those of `softmax_layers`, as in `UViTModel` (the selections of
+    `uvit_cog.attention.select_layers`; default "first_last": U-ViC's choice), placed with `set_attention`.
+    "softmax" keeps diffusers' own attention. `learn_sigma` doubles the output channels as DiT's learned variance
+    (see the module docstring).
     """
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -217,9 +218,26 @@ def build_dit(
         patch_size=patch_size, num_embeds_ada_norm=num_classes, id2label=id2label,
     )
     if attention_type != "softmax":
-        layers = attention_layers if isinstance(attention_layers, str) else [int(i) for i in attention_layers]
-        set_attention(model, attention_type, layers)
+        selection = softmax_layers if isinstance(softmax_layers, str) else [int(i) for i in softmax_layers]
+        set_attention(model, attention_type, complement(selection, depth))
     return model
 
 
-__all__ = ["DIT_PRESETS", "DiTModel", "SharedEmbedder", "build_dit"]
+def dit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`build_dit`'s arguments from a model description, earlier descriptions included: before `softmax_layers`,
+    DiT configs named the blocks that got `attention_type` in `attention_layers`, with "first_last" for every
+    block but the first and the last. Such a config builds the same model as before."""
+    fields = dict(fields)
+    if "attention_layers" in fields:
+        if "softmax_layers" in fields:
+            raise ValueError("attention_layers (DiT's field before softmax_layers) and softmax_layers are both set: "
+                             "keep softmax_layers, the blocks that stay softmax")
+        if fields.get("depth") is None:
+            raise ValueError("attention_layers (DiT's field before softmax_layers) needs depth, or a preset, to read")
+        old = fields.pop("attention_layers")
+        got_kind = "all_but_first_last" if old == "first_last" else old
+        fields["softmax_layers"] = complement(got_kind, int(fields["depth"]))
+    return fields
+
+
+__all__ = ["DIT_PRESETS", "DiTModel", "SharedEmbedder", "build_dit", "dit_fields"]

@@ -28,9 +28,7 @@ from diffusers.utils import BaseOutput
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from .attention import Attention, get_attention_kind, make_attention
-
-LAYER_CHOICES = ("first_last", "none", "all")  # block selections besides lists of indices
+from .attention import Attention, get_attention_kind, make_attention, select_layers
 
 # U-ViT's published sizes (Bao et al. 2022, Table 1). Dataset-specific arguments (sample_size,
 # patch_size, in_channels, num_classes, final_conv) are given as overrides or by the configs.
@@ -93,29 +91,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def resolve_layers(selection: str | Sequence[int], num_blocks: int, field: str = "softmax_layers") -> set[int]:
-    """Indices of the blocks (in-blocks, mid-block, out-blocks, in order) that a selection names.
-
-    A selection is "first_last", "none", "all" or a list of block indices; `field` names it in errors.
-    """
-    if isinstance(selection, str):
-        if selection == "first_last":
-            return {0, num_blocks - 1}
-        if selection == "none":
-            return set()
-        if selection == "all":
-            return set(range(num_blocks))
-        raise ValueError(
-            f"unknown {field} {selection!r}; use one of {LAYER_CHOICES} or a list of "
-            f"block indices in [0, {num_blocks})"
-        )
-    indices = {int(i) for i in selection}
-    bad = sorted(i for i in indices if not 0 <= i < num_blocks)
-    if bad:
-        raise ValueError(f"{field} {bad} out of range: this model has blocks 0..{num_blocks - 1}")
-    return indices
-
-
 def resolve_attention_types(
     attention_type: str,
     softmax_layers: str | Sequence[int],
@@ -124,16 +99,17 @@ def resolve_attention_types(
 ) -> list[str]:
     """The attention kind of every block: `attention_type`, softmax in `softmax_layers`, then `attention_layers`.
 
+    Selections are those of `uvit_cog.attention.select_layers` ("first_last": the first and the last block).
     `attention_layers` maps kinds to block selections and overrides the other two; a block that two of
     its entries claim is an error.
     """
     get_attention_kind(attention_type)
-    softmax = resolve_layers(softmax_layers, num_blocks)
+    softmax = select_layers(softmax_layers, num_blocks, "softmax_layers")
     types = ["softmax" if i in softmax else attention_type for i in range(num_blocks)]
     claimed: dict[int, str] = {}
     for kind, selection in (attention_layers or {}).items():
         get_attention_kind(kind)
-        for i in resolve_layers(selection, num_blocks, f"attention_layers[{kind!r}]"):
+        for i in select_layers(selection, num_blocks, f"attention_layers[{kind!r}]"):
             if i in claimed:
                 raise ValueError(f"attention_layers: block {i} is given both {claimed[i]!r} and {kind!r}")
             claimed[i] = types[i] = kind
@@ -298,7 +274,7 @@ class UViTModel(ModelMixin, ConfigMixin):
     @property
     def attention_types(self) -> list[str]:
         """The attention type of each block, in `blocks` order."""
-        return [b.attn.attention_type for b in self.blocks]
+        return [b.attn.kind.name for b in self.blocks]
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> UViTModel:
@@ -471,6 +447,6 @@ def num_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "UViTModel", "UViTModelOutput", "PRESETS", "CONDITION_TOKENS", "timestep_embedding", "resolve_layers",
-    "resolve_attention_types", "official_kwargs", "num_parameters",
+    "UViTModel", "UViTModelOutput", "PRESETS", "CONDITION_TOKENS", "timestep_embedding", "resolve_attention_types",
+    "official_kwargs", "num_parameters",
 ]

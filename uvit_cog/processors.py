@@ -16,6 +16,7 @@ other way (e.g. diffusers' `AttnProcessor`, plain matmuls) is refused at install
 
 The choice is recorded in the model config (key `uvit_cog_attention`), so `save_pretrained` stores it and
 `load_model` restores it; diffusers' own `from_pretrained` ignores the key with a warning that names it.
+Layers are selected as everywhere in this toolkit (`uvit_cog.attention.select_layers`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from . import attention as _attention
+from .attention import complement, select_layers
 from .model import UViTModel
 
 CONFIG_KEY = "uvit_cog_attention"
-LAYER_CHOICES = ("all", "first_last", "none")
+# The record's format. 2: `layers` is a selection of `select_layers`. Records without "format" (written before it
+# existed) used "first_last" for every layer but the first and the last, "all_but_first_last" now.
+RECORD_FORMAT = 2
 # An additive float mask is binary if every entry is 0 (keep) or at most this (drop): exp(-1000) is 0 in
 # every float dtype, so softmax with such a mask equals softmax with the bool mask exactly.
 _DROP_BELOW = -1000.0
@@ -89,7 +93,7 @@ def keep_mask(attn_mask: Tensor | None) -> Tensor | None:
     return keep
 
 
-def _attend(
+def _attend_like_sdpa(
     kind: str,
     q: Tensor,
     k: Tensor,
@@ -132,7 +136,7 @@ class _Functional:
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> Tensor:
-        return _attend(self._kind, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _attend_like_sdpa(self._kind, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(F, name)
@@ -163,7 +167,7 @@ def _dispatch(kind: str) -> Callable[..., Tensor]:
         if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
             attn_mask = attn_mask[:, None, None, :]
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        return _attend(kind, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).transpose(1, 2)
+        return _attend_like_sdpa(kind, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa).transpose(1, 2)
 
     return dispatch
 
@@ -299,37 +303,17 @@ def attention_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
     return list(layers.items())
 
 
-def resolve_layers(layers: str | Sequence[int], num_layers: int) -> set[int]:
-    """Indices of the layers that get the kind: "all", "none", "first_last" (all but the first and the last,
-    U-ViC's choice; named like UViTModel's softmax_layers="first_last", the layers that stay softmax) or indices."""
-    if isinstance(layers, str):
-        if layers not in LAYER_CHOICES:
-            raise ValueError(f"set_attention: unknown layers {layers!r}; use one of {LAYER_CHOICES} or a list of ints")
-        if layers == "none":
-            return set()
-        return set(range(num_layers)) - ({0, num_layers - 1} if layers == "first_last" else set())
-    indices = set()
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"set_attention: layers must be {LAYER_CHOICES} or a list of ints, got element {i!r}")
-        if not -num_layers <= i < num_layers:
-            raise ValueError(f"set_attention: layer {i} out of range: this model has layers 0..{num_layers - 1}")
-        indices.add(i % num_layers)
-    return indices
-
-
-def _layers_value(layers: str | Sequence[int]) -> str | list[int]:
-    return layers if isinstance(layers, str) else [int(i) for i in layers]
-
-
-def set_attention(model: nn.Module, kind: str = "cog", layers: str | Sequence[int] = "first_last") -> nn.Module:
+def set_attention(
+    model: nn.Module, kind: str = "cog", layers: str | Sequence[int] = "all_but_first_last"
+) -> nn.Module:
     """Make the chosen layers of `model` compute attention of `kind`; every other layer keeps the model's own.
 
     Args:
         model: a diffusers `ModelMixin` (DiT, PixArt, SD3, Flux, Sana, ... transformers) or a `UViTModel`.
         kind: an attention kind of `uvit_cog.attention` ("cog", "softmax", and those of its registry).
-        layers: which layers (see `attention_layers`) get `kind`: "first_last" (default; all but the first and
-            the last, as U-ViC), "all", "none" (restore the model's own attention) or a list of indices.
+        layers: which layers (see `attention_layers`) get `kind`: "all_but_first_last" (default, as U-ViC),
+            "first_last" (the first and the last layer), "all", "none" (restore the model's own attention) or
+            a list of indices (negative ones count from the end).
 
     Returns the model, changed in place. The call is declarative: a later call replaces an earlier one. The
     choice is stored in the model config so that `save_pretrained` + `load_model` restore it. For UViTModel it
@@ -345,7 +329,8 @@ def set_attention(model: nn.Module, kind: str = "cog", layers: str | Sequence[in
     groups = attention_layers(model)
     if not groups:
         raise ValueError(f"set_attention: {type(model).__name__} has no attention modules with a processor")
-    selected = resolve_layers(layers, len(groups))
+    selected = select_layers(layers, len(groups), "set_attention: layers")
+    layers = layers if isinstance(layers, str) else [int(i) for i in layers]  # plain JSON for the config
     if isinstance(model, UViTModel):
         return _set_uvit_attention(model, kind, selected, layers)
     modules = dict(model.named_modules())
@@ -360,7 +345,8 @@ def set_attention(model: nn.Module, kind: str = "cog", layers: str | Sequence[in
     for module, original, chosen in plan:
         _install(module, _routed_processor(original, kind) if chosen else original)
     if isinstance(model, ModelMixin):
-        _record(model, {"kind": kind, "layers": _layers_value(layers), "note": _LOAD_NOTE} if selected else None)
+        record = {"kind": kind, "layers": layers, "format": RECORD_FORMAT, "note": _LOAD_NOTE}
+        _record(model, record if selected else None)
     return model
 
 
@@ -389,21 +375,19 @@ def _set_uvit_attention(model: UViTModel, kind: str, selected: set[int], layers:
     blocks = model.blocks
     kinds = [kind if i in selected else "softmax" for i in range(len(blocks))]
     for i, block in enumerate(blocks):
-        for name in (block.attn.attention_type, kinds[i]):
+        for name in (block.attn.kind.name, kinds[i]):
             if _attention.get_attention_kind(name).has_parameters:
                 raise ValueError(
-                    f"set_attention: UViTModel block {i} would change kind {block.attn.attention_type!r} -> "
-                    f"{kinds[i]!r}, "
+                    f"set_attention: UViTModel block {i} would change kind {block.attn.kind.name!r} -> {kinds[i]!r}, "
                     f"but {name!r} has weights of its own; build UViTModel(attention_type=..., attention_layers=...)"
                 )
     if kind == "softmax" or not selected:
         config = {"attention_type": "softmax", "softmax_layers": "all"}
     else:
-        rest = sorted(set(range(len(blocks))) - selected)
-        config = {"attention_type": kind, "softmax_layers": "first_last" if layers == "first_last" else rest}
+        config = {"attention_type": kind, "softmax_layers": complement(layers, len(blocks))}
     config["attention_layers"] = None
     for block, new in zip(blocks, kinds, strict=True):
-        block.attn.kind, block.attn.attention_type = _attention.get_attention_kind(new), new
+        block.attn.kind = _attention.get_attention_kind(new)
     model.register_to_config(**config)
     return model
 
@@ -453,10 +437,13 @@ def restore_attention(model: nn.Module, config: Mapping[str, Any], source: str =
         return model
     if not isinstance(record, Mapping) or "kind" not in record or "layers" not in record:
         raise ValueError(f"{source}: field {CONFIG_KEY!r} must hold 'kind' and 'layers', got {record!r}")
-    return set_attention(model, record["kind"], record["layers"])
+    layers = record["layers"]
+    if "format" not in record and layers == "first_last":  # written before "first_last" had one meaning
+        layers = "all_but_first_last"
+    return set_attention(model, record["kind"], layers)
 
 
 __all__ = [
-    "CONFIG_KEY", "attention_fn", "attention_layers", "keep_mask", "load_model", "resolve_layers", "restore_attention",
+    "CONFIG_KEY", "RECORD_FORMAT", "attention_fn", "attention_layers", "keep_mask", "load_model", "restore_attention",
     "set_attention",
 ]
