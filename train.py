@@ -42,6 +42,7 @@ from train_setup import (
     validation_runs,
 )
 from uvit_cog.backbones import condition_kind
+from uvit_cog.backbones import num_classes as backbone_num_classes
 from uvit_cog.checkpoints import (
     CheckpointError,
     export_final_pipeline,
@@ -114,7 +115,7 @@ def conditioning(cfg: DictConfig, accelerator: Accelerator, model_config: dict, 
     """The `Conditioning` of the config's model on the config's data."""
     kind, device = condition_kind(model_config), accelerator.device
     if kind == "class":
-        return Conditioning(kind, null=null_class_condition(model_config["num_classes"], 1, device))
+        return Conditioning(kind, null=null_class_condition(backbone_num_classes(model_config), 1, device))
     if kind == "none":
         return Conditioning(kind)
     with accelerator.main_process_first():  # the main process makes a random encoder; the others then load it
