@@ -21,13 +21,11 @@ RECIPES = {
     "ImageNet-64 U-ViT-M/4": dict(preset="uvit-mid", sample_size=64, patch_size=4, in_channels=3, num_classes=1000),
     "ImageNet-256 U-ViT-H/2": dict(preset="uvit-huge", sample_size=32, patch_size=2, in_channels=4, num_classes=1000),
 }
-# Text-to-image recipes: the time token, the CLIP text tokens and the patches of the latent (U-ViT's MS-COCO model:
-# 256×256 images, 32×32×4 latents, 77 text tokens). Read off UViTModel like RECIPES once it takes text tokens.
-TEXT_RECIPES = {"MS-COCO U-ViT-S/2 (text-to-image)": dict(preset="uvit-small", sample_size=32, patch_size=2,
-                                                          text_tokens=77)}
-# The training section's model: U-ViC-S/2 against U-ViT-S/2 on CIFAR-10 shapes. (The MS-COCO text-to-image
-# U-ViT-S/2 joins it when UViTModel takes text tokens: a second recipe here, trained by gpu_training the same way.)
-TRAIN_RECIPE = "CIFAR-10 U-ViT-S/2"
+# The paper's own model: U-ViT's MS-COCO text-to-image S/2 (256×256 images as 32×32×4 latents, the time token and
+# CLIP's 77 text tokens before the 256 patches: 334 tokens).
+RECIPES["MS-COCO U-ViT-S/2 (text-to-image)"] = dict(preset="uvit-small-mscoco")
+# The training section's models, in order (U-ViC against U-ViT on each): the paper's model first.
+TRAIN_RECIPES = ("MS-COCO U-ViT-S/2 (text-to-image)", "CIFAR-10 U-ViT-S/2")
 LONG_SHAPE = ("N = 4097, H = 8, D = 64", (8, 8, 4097, 64))
 
 
@@ -54,7 +52,7 @@ class Plan:
     attn_shapes: tuple[tuple[str, tuple[int, int, int, int]], ...] | None  # None: the U-ViT ones + LONG_SHAPE
     attn_timing: tuple[int, int, int]  # (warm-up calls, rounds, calls per round); the median round counts
     sdpa: tuple[tuple[str, str], ...]  # (label, SDPBackend member)
-    train_model: dict | None  # None: the CIFAR-10 U-ViT-S/2 recipe
+    train_models: tuple[tuple[str, dict], ...] | None  # (label, UViTModel arguments); None: TRAIN_RECIPES
     train_batch: int
     train_steps: int
     round_steps: int
@@ -73,7 +71,7 @@ GPU_PLAN = Plan(
     check_masked=((1025, 257, 72, "keys"), (257, 1025, 128, "rows"), (4097, 1025, 64, "rows")), check_heads=2,
     attn_dtype="bfloat16", attn_batch=128, attn_shapes=None, attn_timing=(3, 7, 10),
     sdpa=(("sdpa flash", "FLASH_ATTENTION"), ("sdpa cudnn", "CUDNN_ATTENTION")),
-    train_model=None, train_batch=128, train_steps=300, round_steps=50,
+    train_models=None, train_batch=128, train_steps=300, round_steps=50,
     compile_backend="inductor", compile_warmup=3, compile_rounds=3, compile_reserve_s=150.0,
 )
 
@@ -88,27 +86,30 @@ DRY_PLAN = Plan(
     attn_shapes=(("tiny stand-in for CIFAR-10 U-ViT-S/2", (1, 1, 33, 16)),
                  ("tiny stand-in for N = 4097", (1, 1, 65, 16))),
     attn_timing=(0, 1, 1), sdpa=(("sdpa flash", "MATH"), ("sdpa cudnn", "MATH")),
-    train_model=dict(sample_size=8, patch_size=2, in_channels=3, embed_dim=32, depth=2, num_heads=2),
+    train_models=(("tiny text-to-image", dict(sample_size=8, patch_size=2, in_channels=4, embed_dim=32, depth=2,
+                                              num_heads=2, text_dim=16, num_text_tokens=5, timestep_offset=1)),
+                  ("tiny", dict(sample_size=8, patch_size=2, in_channels=3, embed_dim=32, depth=2, num_heads=2))),
     train_batch=4, train_steps=2, round_steps=1,
     compile_backend="eager", compile_warmup=1, compile_rounds=1, compile_reserve_s=0.0,
 )
 
 
+def recipe_model(label: str) -> dict:
+    """The `UViTModel` arguments of recipe `label`: its preset's under its own."""
+    args = dict(RECIPES[label])
+    return {**PRESETS[args.pop("preset")], **args}
+
+
 def uvit_attention_shapes(batch: int) -> list[tuple[str, tuple[int, int, int, int]]]:
     """(recipe, (B, H, N, D)) of the attention in each of `RECIPES`, read off the model built on the meta device
-    (N counts the patches and the time token, and the label token of class-conditional models), then of each of
-    `TEXT_RECIPES` (the time token, the text tokens and the patches)."""
+    (N counts the patches and the time token, and the label token of class-conditional models or the text tokens
+    of text-to-image ones)."""
     shapes = []
-    for label, recipe in RECIPES.items():
-        args = dict(recipe)
+    for label in RECIPES:
         with torch.device("meta"):
-            model = UViTModel.from_preset(args.pop("preset"), **args)
+            model = UViTModel(**recipe_model(label))
         heads = model.mid_block.attn.num_heads
         shapes.append((label, (batch, heads, model.pos_embed.shape[1], model.config.embed_dim // heads)))
-    for label, recipe in TEXT_RECIPES.items():
-        size = PRESETS[recipe["preset"]]
-        tokens = 1 + recipe["text_tokens"] + (recipe["sample_size"] // recipe["patch_size"]) ** 2
-        shapes.append((label, (batch, size["num_heads"], tokens, size["embed_dim"] // size["num_heads"])))
     return shapes
 
 

@@ -101,7 +101,8 @@ def _attention(a: dict) -> list[str]:
 
 
 def _training(t: dict) -> list[str]:
-    lines = _table("## Training U-ViC against U-ViT (training)", f"Model {t['model']}, batch {t['batch']}.",
+    models = "; ".join(f"{label}: {kwargs}" for label, kwargs in t["models"].items())
+    lines = _table("## Training U-ViC against U-ViT (training)", f"Models {models}; batch {t['batch']}.",
                    ["run", "model", "steps", "non-finite losses", "images/s", "U-ViC / U-ViT", "first-round s",
                     "loss: first 10 → last 10"])
     for run in t["runs"]:

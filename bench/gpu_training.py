@@ -1,8 +1,9 @@
 """bench/gpu.py's training section: U-ViC against U-ViT, the same model, batch and step, side by side.
 
-U-ViC-S/2 against U-ViT-S/2, batch 128, 32×32, train.py's step (bench/train_throughput.py): 300 steps of each in
-bf16 autocast and in fp16 autocast with a GradScaler, the two models interleaved in rounds of 50 steps, counting
-non-finite losses; images/s is the median over the rounds after the first. Then images/s with torch.compile (bf16).
+For each of `gpu_plan.TRAIN_RECIPES` (the paper's MS-COCO text-to-image S/2 first, then CIFAR-10 S/2): U-ViC
+against U-ViT, batch 128, train.py's step (bench/train_throughput.py): 300 steps of each in bf16 autocast and in
+fp16 autocast with a GradScaler, the two models interleaved in rounds of 50 steps, counting non-finite losses;
+images/s is the median over the rounds after the first. Then images/s with torch.compile (bf16).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import traceback
 
 import torch
 from gpu_common import error_text, round_times
-from gpu_plan import DTYPES, RECIPES, TRAIN_RECIPE, Plan
+from gpu_plan import DTYPES, TRAIN_RECIPES, Plan, recipe_model
 from torch import Tensor
 from train_throughput import Trainer
 
-from uvit_cog import PRESETS
 from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema
 
 
@@ -37,7 +37,7 @@ class SuiteTrainer(Trainer):
     def step(self) -> None:
         rnd = GlobalBatchRandom(0, self.step_index, 0, self.batch, self.batch, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype):
-            loss = diffusion_loss(self.forward, self.objective, self.x0, None, rnd)
+            loss = diffusion_loss(self.forward, self.objective, self.x0, self.condition, rnd)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -92,26 +92,23 @@ def train_run(plan: Plan, model_kwargs: dict, dtype: str, compile_backend: str |
 
 
 def training_section(plan: Plan, deadline: float) -> dict:
-    if plan.train_model is None:
-        recipe = dict(RECIPES[TRAIN_RECIPE])
-        model_kwargs = {**PRESETS[recipe.pop("preset")], **recipe}
-    else:
-        model_kwargs = dict(plan.train_model)
+    models = plan.train_models or tuple((label, recipe_model(label)) for label in TRAIN_RECIPES)
     runs, skipped = [], []
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for dtype, compile_backend in (("bfloat16", None), ("float16", None), ("bfloat16", plan.compile_backend)):
-        what = f"{dtype}" + (f" torch.compile({compile_backend})" if compile_backend else " eager")
-        reserve = plan.compile_reserve_s if compile_backend else 0.0
-        if time.monotonic() > deadline - reserve:
-            skipped.append(f"{what}: under {reserve:.0f} s left" if reserve else what)
-            continue
-        try:
-            runs.append({"run": what, **train_run(plan, model_kwargs, dtype, compile_backend, deadline)})
-        except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing on this setup: reported, next run goes on
-            runs.append({"run": what, "error": error_text(e), "traceback": traceback.format_exc()[-3000:]})
-        if plan.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    for label, model_kwargs in models:
+        for dtype, compile_backend in (("bfloat16", None), ("float16", None), ("bfloat16", plan.compile_backend)):
+            what = f"{label}: {dtype}" + (f" torch.compile({compile_backend})" if compile_backend else " eager")
+            reserve = plan.compile_reserve_s if compile_backend else 0.0
+            if time.monotonic() > deadline - reserve:
+                skipped.append(f"{what}: under {reserve:.0f} s left" if reserve else what)
+                continue
+            try:
+                runs.append({"run": what, **train_run(plan, model_kwargs, dtype, compile_backend, deadline)})
+            except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing here: reported, the next run goes on
+                runs.append({"run": what, "error": error_text(e), "traceback": traceback.format_exc()[-3000:]})
+            if plan.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
     partial = skipped or any(r.get("note") for r in runs)
-    return {"status": "partial" if partial else "ok", "model": model_kwargs, "batch": plan.train_batch,
+    return {"status": "partial" if partial else "ok", "models": dict(models), "batch": plan.train_batch,
             "runs": runs, "skipped": skipped}

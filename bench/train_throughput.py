@@ -42,13 +42,16 @@ class Trainer:
         self.device, self.batch, self.dtype = device, batch, dtype
         shape = (batch, model_kwargs["in_channels"], model_kwargs["sample_size"], model_kwargs["sample_size"])
         self.x0 = torch.rand(shape, device=device) * 2 - 1
+        # A text-to-image model's condition: random features in place of CLIP's (the cost is the same).
+        text = (batch, model_kwargs.get("num_text_tokens", 77), model_kwargs.get("text_dim", 0))
+        self.condition = {"encoder_hidden_states": torch.randn(text, device=device)} if text[2] else {}
         self.step_index = 0
 
     def step(self) -> None:
         rnd = GlobalBatchRandom(0, self.step_index, 0, self.batch, self.batch, self.device)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
-            loss = diffusion_loss(self.forward, self.objective, self.x0, None, rnd)
+            loss = diffusion_loss(self.forward, self.objective, self.x0, self.condition, rnd)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from uvit_cog.images import load_npz_arrays
 
 def test_npz_grayscale_becomes_one_channel_resized(mnist_npz):
     ds = build_dataset(dict(kind="npz", path=mnist_npz, resolution=16, channels=1, num_classes=10))
-    x, y = ds[3]
+    x, y = ds[3]["x"], ds[3]["class_labels"]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) < -0.9 and 0.5 < float(x.max()) <= 1.0  # ink and background
     raw_x, raw_y = load_npz_arrays(mnist_npz)
@@ -37,9 +37,9 @@ def test_npz_adm_layout_and_unlabelled(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "adm.npz", arr_0=images)
     ds = build_dataset(dict(kind="npz", path=tmp_path / "adm.npz", resolution=8, channels=3, num_classes=0))
-    x, y = ds[2]
-    assert torch.equal(x, torch.from_numpy(images[2]).permute(2, 0, 1).float() / 127.5 - 1)
-    assert int(y) == 0 and ds.num_classes == 0
+    item = ds[2]
+    assert torch.equal(item["x"], torch.from_numpy(images[2]).permute(2, 0, 1).float() / 127.5 - 1)
+    assert "class_labels" not in item and ds.num_classes == 0  # unlabelled: no label field
     with pytest.raises(ValueError, match="data.num_classes=0"):
         build_dataset(dict(kind="npz", path=tmp_path / "adm.npz", resolution=8, channels=3, num_classes=10))
     with pytest.raises(ValueError, match="data.channels=3"):
@@ -61,14 +61,14 @@ def test_npz_adm_layout_and_unlabelled(tmp_path):
 def test_digits_ship_with_scikit_learn():
     ds = build_dataset(dict(kind="digits", resolution=16, channels=1, num_classes=10, max_images=None))
     assert len(ds) == 1797 and ds.num_classes == 10
-    assert ds[0][0].shape == (1, 16, 16)
+    assert ds[0]["x"].shape == (1, 16, 16)
 
 
 def test_image_folder_center_crops_to_resolution(tmp_path):
     root = make_image_folder(tmp_path / "train")
     ds = ClassFolderDataset(root, 16)
     assert ds.classes == ["cat", "dog"] and len(ds) == 6
-    x, y = ds[4]
+    x, y = ds[4]["x"], ds[4]["class_labels"]
     assert x.shape == (3, 16, 16) and int(y) == 1
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
     with pytest.raises(ValueError, match="data.num_classes=2"):
@@ -100,17 +100,17 @@ def test_extract_latents_then_load(tmp_path):
     assert meta["num_shards"] == 2 and meta["latent_size"] == 8 and meta["latent_channels"] == 4
     ds = LatentDataset(out)
     assert len(ds) == 12  # 6 images and their flips
-    moments, label = ds[0]
-    assert moments.shape == (8, 8, 8)
+    assert ds[0]["x"].shape == (8, 8, 8)
 
     # Shard 0 holds images 0..3, then their flips: the flip's moments are those of the flipped image.
     images = ClassFolderDataset(root, 16)
     vae = AutoencoderKL.from_pretrained(vae_dir)
     with torch.no_grad():
-        want = vae.encode(torch.stack([images[1][0], images[1][0].flip(-1)])).latent_dist.parameters
-    torch.testing.assert_close(ds[1][0], want[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ds[5][0], want[1], atol=1e-5, rtol=1e-5)
-    assert int(ds[5][1]) == int(images[1][1]) and int(ds[10][1]) == 1  # shard 1: images 4, 5 (dog), flips
+        want = vae.encode(torch.stack([images[1]["x"], images[1]["x"].flip(-1)])).latent_dist.parameters
+    torch.testing.assert_close(ds[1]["x"], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ds[5]["x"], want[1], atol=1e-5, rtol=1e-5)
+    # shard 1: images 4, 5 (dog), flips
+    assert int(ds[5]["class_labels"]) == int(images[1]["class_labels"]) and int(ds[10]["class_labels"]) == 1
 
     # Resumable: a missing shard is reported, and a rerun writes only that shard.
     kept = shard_paths(out, 0)[0].stat().st_mtime_ns
@@ -188,7 +188,7 @@ def test_class_folder_converts_every_mode_and_upsamples_small_images(tmp_path):
                 "gray16.png": (round(30000 / 257),) * 3, "small.jpg": COLOUR}  # fmt: skip
     assert sorted(p.name for p, _ in ds.items) == sorted(expected)
     for i, (path, _) in enumerate(ds.items):
-        x, _ = ds[i]
+        x = ds[i]["x"]
         assert x.shape == (3, 16, 16), path.name
         want = torch.tensor(expected[path.name], dtype=torch.float32).div(127.5).sub(1).view(3, 1, 1)
         tolerance = 3 / 127.5 if path.suffix == ".jpg" else 1e-6
@@ -203,7 +203,7 @@ def test_class_folder_stops_at_an_undecodable_file_naming_it(tmp_path, fault):
     data = buffer.getvalue()[: len(buffer.getvalue()) // 2] if fault == "truncated" else b"\x89PNG junk" * 10
     (root / "dog" / "9.png").write_bytes(data)
     ds = ClassFolderDataset(root, 16)
-    assert ds[0][0].shape == (3, 16, 16)  # the intact images still load
+    assert ds[0]["x"].shape == (3, 16, 16)  # the intact images still load
     with pytest.raises(OSError, match="dog/9.png: cannot decode this image"):
         next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
 

@@ -133,7 +133,9 @@ def test_dry_run_trains_both_models_in_bf16_fp16_and_compiled(dry_run):
     report, _, _ = dry_run
     section = report["sections"]["training"]
     runs = {r["run"]: r for r in section["runs"]}
-    assert list(runs) == ["bfloat16 eager", "float16 eager", f"bfloat16 torch.compile({PLAN.compile_backend})"]
+    kinds = ["bfloat16 eager", "float16 eager", f"bfloat16 torch.compile({PLAN.compile_backend})"]
+    assert list(runs) == [f"{label}: {kind}" for label, _ in PLAN.train_models for kind in kinds]
+    assert list(section["models"]) == ["tiny text-to-image", "tiny"]  # the paper's text-to-image model first
     for name, run in runs.items():
         steps = PLAN.train_steps if "eager" in name else PLAN.compile_warmup + PLAN.compile_rounds * PLAN.round_steps
         assert run["steps"] == steps and run["note"] is None
@@ -157,7 +159,7 @@ def test_sections_skip_rather_than_overrun():
     assert section["status"] == "partial" and section["shapes"] == []
     assert len(section["skipped"]) == len(PLAN.attn_shapes)
     section = gpu_training.training_section(PLAN, past)
-    assert section["status"] == "partial" and section["runs"] == [] and len(section["skipped"]) == 3
+    assert section["status"] == "partial" and section["runs"] == [] and len(section["skipped"]) == 6
     clock = gpu.Clock(limit_s=0.0)
     skipped = gpu.run_section("attention", lambda d: pytest.fail("must not run"), clock, PLAN, gpu_plan.SECTIONS)
     assert skipped["status"] == "skipped"
@@ -192,6 +194,7 @@ def test_uvit_attention_shapes_come_from_the_presets():
     assert shapes == {"CIFAR-10 U-ViT-S/2": (128, 8, 257, 64), "ImageNet-64 U-ViT-M/4": (128, 12, 258, 64),
                       "ImageNet-256 U-ViT-H/2": (128, 16, 258, 72),
                       "MS-COCO U-ViT-S/2 (text-to-image)": (128, 8, 334, 64)}
+    assert gpu_plan.recipe_model("MS-COCO U-ViT-S/2 (text-to-image)")["text_dim"] == 768
     tuned = gpu_plan.tune_shapes(gpu_plan.GPU_PLAN)
     assert [label for label, _ in tuned] == ["CIFAR-10 U-ViT-S/2", "ImageNet-256 U-ViT-H/2"]
 
