@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from train_setup import (
     build_model,
-    check_resumed_run,
+    check_resume,
     diffusion_setup,
     tracker_config,
     validate_config,
@@ -74,7 +74,6 @@ from uvit_cog.training import (
 
 def train(cfg: DictConfig) -> Path:
     """Train from a composed config and return the run directory."""
-    check_resumed_run(cfg)  # first: a resumed run's own data split is what the checks below must see
     validate_config(cfg, PartialState(cpu=cfg.train.cpu).num_processes)
     run_dir = Path(cfg.run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
@@ -96,8 +95,7 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
     run_dir = Path(cfg.run_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     resume_from = select_checkpoint_for_all(accelerator, run_dir, cfg.resume)  # after the recovery above
-    if accelerator.is_main_process:
-        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    provenance = check_resume(cfg, resume_from, log=accelerator.print)  # what the checkpoints record as this run
 
     # Data: each rank loads its slice of every global micro-batch (see GlobalBatchSampler).
     data = OmegaConf.to_container(cfg.data, resolve=True)  # the library gets plain values, never a DictConfig
@@ -141,12 +139,14 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
                          trackers=(lambda values, at: accelerator.log(values, step=at)) if cfg.log.trackers else None)
     accelerator.print(f"{type(ema).__name__}: {sum(p.numel() for p in ema.parameters()) / 1e6:.2f} M parameters, "
                       f"{len(dataset)} training items, {world} process(es), run directory {run_dir}")
+    if accelerator.is_main_process:  # once the data and model are built: a start that fails before writes nothing
+        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
 
     def checkpoint() -> None:
         check_ranks_in_sync(accelerator, model=accelerator.unwrap_model(model), ema=ema)
         train_state = {"step": step, "images_seen": images_seen, "processes": world, "skipped_steps": skipped}
-        save_checkpoint(accelerator, run_dir, step, train_state,
-                        lambda out: export_pipeline(ema, noise_schedule, vae, out), cfg.log.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, step, train_state, lambda out: export_pipeline(ema, noise_schedule, vae,
+                        out), cfg.log.keep_checkpoints, provenance)
 
     # The validation loss (main process, fixed images, noise and t grid): val.* and uvit_cog.training.validation_loss.
     val_x0 = val_labels = None

@@ -119,6 +119,17 @@ def resolve_pipeline_dir(path: str | os.PathLike) -> Path:
     )
 
 
+def run_of_pipeline(pipe_dir: str | os.PathLike) -> Path | None:
+    """The training run a pipeline directory belongs to (`RUN/pipeline`, `RUN/checkpoints/step_*/pipeline`), or
+    None for a pipeline directory of its own."""
+    pipe_dir = Path(pipe_dir).resolve()
+    if pipe_dir.name != PIPELINE_DIR:
+        return None
+    if checkpoint_step(pipe_dir.parent) >= 0 and pipe_dir.parent.parent.name == CHECKPOINTS_DIR:
+        return pipe_dir.parent.parent.parent
+    return pipe_dir.parent if (pipe_dir.parent / CHECKPOINTS_DIR).is_dir() else None
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of `RUN/metrics.jsonl` in order (an empty list for a run that has logged nothing).
 
