@@ -197,9 +197,9 @@ def _writable_folder(field: str, path: Path) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise fail(field, str(path), f"{parent} is a file, not a folder", f"set {field} to a path under a folder")
+        raise fail(field, path, f"{parent} is a file, not a folder", f"set {field} to a path under a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise fail(field, str(path), f"{parent} is not writable", f"set {field} to a path you may write")
+        raise fail(field, path, f"{parent} is not writable", f"set {field} to a path you may write")
 
 
 def check_output_file(field: str, value: Any, suffixes: Sequence[str]) -> Path:
@@ -209,9 +209,9 @@ def check_output_file(field: str, value: Any, suffixes: Sequence[str]) -> Path:
         raise fail(field, value, "not a path", f"set {field}=<a file ending in {' or '.join(suffixes)}>")
     path = Path(value)
     if path.is_dir():
-        raise fail(field, str(path), "an existing folder", f"give a file path, e.g. {path / ('out' + suffixes[0])}")
+        raise fail(field, path, "an existing folder", f"give a file path, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
-        raise fail(field, str(path), f"not a {' or '.join(suffixes)} file name",
+        raise fail(field, path, f"not a {' or '.join(suffixes)} file name",
                    f"end it in {suffixes[0]}, e.g. {path.with_name(path.stem + suffixes[0])}")
     _writable_folder(field, path)
     return path
@@ -223,9 +223,9 @@ def check_output_dir(field: str, value: Any) -> Path:
         raise fail(field, value, "not a path", f"set {field}=<a folder>")
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise fail(field, str(path), "an existing file, not a folder", f"set {field} to a folder path")
+        raise fail(field, path, "an existing file, not a folder", f"set {field} to a folder path")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-        raise fail(field, str(path), "not writable", f"set {field} to a folder you may write")
+        raise fail(field, path, "not writable", f"set {field} to a folder you may write")
     _writable_folder(field, path)
     return path
 

@@ -30,7 +30,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from tqdm.auto import tqdm
 
 from .checks import check_output_file
-from .images import image_source_kind, load_images, open_npz, split_npz_spec
+from .images import image_source_kind, load_images, npz_image_key, open_npz, split_npz_spec
 from .inception import NO_LOGITS, InceptionWeights, create_inception, resolve_weights
 from .rundir import atomic_write, is_model_dir
 
@@ -182,6 +182,10 @@ def check_reference(reference: str | Path) -> str:
         raise ValueError(f"reference={reference} is a model directory: sample it first, or give images or statistics")
     if kind == "statistics":
         check_reference_statistics(load_statistics(reference), str(reference))
+    if kind == "npz":  # an image array is there (statistics under other names are not taken for images)
+        path, key = split_npz_spec(reference)
+        with open_npz(path) as data:
+            npz_image_key(data, path, key)
     return kind
 
 
