@@ -204,7 +204,7 @@ def eval_cases(files: dict[str, Path], model_run: Path) -> dict[str, tuple[list[
         "metrics=[fid,lpips]": ([images, "metrics=[fid,lpips]"], ValueError, r"unknown metrics \['lpips'\]"),
         "num_samples=0": ([images, "num_samples=0"], ValueError, r"num_samples=0: out of range"),
         "seed=2**32": ([images, "seed=4294967296"], ValueError, r"seed=4294967296: out of range"),
-        "weights=missing": ([images, "weights=/no/such.pth"], ValueError, r"weights=/no/such.pth: no such file"),
+        "weights=missing": ([images, "weights=/no/such.pth"], FileNotFoundError, r"weights=/no/such.pth: no such file"),
         "model without num_samples": ([f"input={model_run}"], ValueError, r"is a model: set num_samples"),
         "samples_dir=a file": ([f"input={model_run}", "num_samples=2", f"samples_dir={files['a_file']}"], ValueError,
                                r"samples_dir=.*a_file: an existing file, not a folder"),

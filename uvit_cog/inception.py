@@ -201,8 +201,8 @@ WEIGHT_NAMES = ("auto", "offline", "download")
 def check_weights(field: str, weights: str | Path) -> None:
     """Refuse, before any work, a weights value that is neither one of `WEIGHT_NAMES` nor an existing file."""
     if str(weights) not in WEIGHT_NAMES and not Path(weights).expanduser().is_file():
-        raise ValueError(f"{field}={weights}: no such file; use one of {WEIGHT_NAMES} or a path to a torch-fidelity "
-                         "Inception .pth")
+        raise FileNotFoundError(f"{field}={weights}: no such file; use one of {WEIGHT_NAMES} or a path to a "
+                                "torch-fidelity Inception .pth")
 
 
 def resolve_weights(weights: str | Path = "auto") -> InceptionWeights:

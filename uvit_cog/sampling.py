@@ -230,10 +230,11 @@ def check_sample_set(out_dir: Path, record: dict) -> None:
                         {"model": record["model"]["sha256"], **record["settings"]}, strict=True)
     if diffs:
         what = "another model" if "model" in diffs else "other settings"
+        source = saved.get("model", {}).get("source") or "a pipeline built in memory"
         raise ValueError(
-            f"{out_dir} is a sample set of {what} ({len(members)} image(s); model from {saved['model'].get('source')}"
-            f"): adding images would mix two sets:\n{describe_differences(diffs, 'the set', 'now')}\nGive another "
-            "output folder, or delete this one to start the set over"
+            f"{out_dir} is a sample set of {what} ({len(members)} image(s); model from {source}): adding images "
+            f"would mix two sets:\n{describe_differences(diffs, 'the set', 'now')}\nGive another output folder, or "
+            "delete this one to start the set over"
         )
 
 
