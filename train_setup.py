@@ -245,7 +245,7 @@ def _validate_model(cfg: DictConfig) -> None:
         with torch.device("meta"):  # sizes that do not fit together (heads, patches), without allocating weights
             build_backbone(backbone, **kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as e:
-        raise ValueError(f"model: the settings {kwargs} build no {backbone} model ({e}); fix the model.* values") from e
+        raise ValueError(f"model: these model.* settings build no {backbone} model: {e}") from e
 
 
 def _validate_trackers(cfg: DictConfig) -> None:

@@ -347,9 +347,9 @@ def test_resume_reproduces_the_uninterrupted_cog_run(runs, mnist_npz, tmp_path):
     assert_same_weights(final_model(run_dir), final_model(runs["dit_s2_cog"]), atol=1e-6)
     assert_same_weights(final_ema(run_dir), final_ema(runs["dit_s2_cog"]), atol=1e-6)
     assert kinds(load_pipeline(run_dir).transformer) == KINDS["dit_s2_cog"]
-    with pytest.raises(ValueError, match=r"holds a run of another model .*'attention_type': \('cog', 'softmax'\)"):
+    with pytest.raises(ValueError, match=r"model.attention_type: 'cog' \(the run\) → 'softmax' \(now\)"):
         train_script.train(train_config(*dit_overrides(mnist_npz, run_dir, "dit_s2")))
-    with pytest.raises(ValueError, match=r"holds a run of another model .*'backbone': \('dit', 'uvit'\)"):
+    with pytest.raises(ValueError, match=r"model.backbone: 'dit' \(the run\) → 'uvit' \(now\)"):
         train_script.train(train_config("data=npz", f"data.path={mnist_npz}", "data.channels=1",
                                         "data.resolution=8", *TINY, f"run_dir={run_dir}"))
 

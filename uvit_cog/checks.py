@@ -42,7 +42,7 @@ def _interval(low: float | None, high: float | None, low_open: bool = False, hig
         return f"{'>' if low_open else '>='} {low}"
     if high is not None:
         return f"{'<' if high_open else '<='} {high}"
-    return "any finite number"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Int:
     def __call__(self, field: str, value: Any) -> int | None:
         if value is None and self.optional:
             return None
-        expected = f"an integer {_interval(self.low, self.high)}" + (" or null" if self.optional else "")
+        expected = f"an integer {_interval(self.low, self.high)}".rstrip() + (" or null" if self.optional else "")
         fix = self.fix or f"set {field} to {expected}"
         if not isinstance(value, Integral) or isinstance(value, bool):
             raise fail(field, value, "not an integer", fix)
@@ -80,7 +80,7 @@ class Float:
     def __call__(self, field: str, value: Any) -> float | None:
         if value is None and self.optional:
             return None
-        expected = f"a number {_interval(self.low, self.high, self.low_open, self.high_open)}"
+        expected = f"a finite number {_interval(self.low, self.high, self.low_open, self.high_open)}".rstrip()
         fix = self.fix or f"set {field} to {expected}" + (" or null" if self.optional else "")
         if not isinstance(value, Real) or isinstance(value, bool):
             raise fail(field, value, "not a number", fix)
