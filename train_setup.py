@@ -80,7 +80,7 @@ MODEL_CHECKS: dict[str, Check] = {
 }
 # What defines a training run (keys of conf/train.yaml; a group stands for every key in it), compared on resume.
 # A new field inside these groups is covered as it appears; a new top-level field goes in one list or the other
-# (tests/test_provenance.py checks that every key of every experiment is in exactly one).
+# (tests/test_provenance.py checks that every key of every experiment is in one of them).
 DEFINES_TRAINING = ("model", "diffusion", "data", "optim", "seed", "train.batch_size", "train.mixed_precision",
                     "train.max_grad_norm", "train.ema_decay", "train.ema_warmup", "train.label_dropout")
 # What may change when a run resumes: how long it trains, how it runs, what it logs, samples and measures. With a
@@ -266,7 +266,8 @@ def keep_legacy_split(cfg: DictConfig) -> None:
     (noted in the log) and cannot then validate on a holdout. Runs of this format record their split (and all else
     that defines them) in their checkpoints instead: `check_resume`."""
     saved = read_config(cfg.run_dir) if cfg.resume != "never" and list_checkpoints(cfg.run_dir) else None
-    if saved is None or "holdout" in saved.get("data", {"holdout": None}):
+    old = (saved or {}).get("data")
+    if old is None or "holdout" in old:
         return
     new = cfg.data
     if new.get("val_split") == "holdout" and new.get("holdout"):
@@ -345,9 +346,10 @@ def check_resume(cfg: DictConfig, checkpoint: str | os.PathLike | None, log: Cal
             f"{checkpoint.parent.parent / 'config.yaml'}" + ("" if config else " (none: nothing to compare)")
             + "; recorded from the next checkpoint on")
         try:
-            before, history = (training_definition(config) if config else {}), []
+            before = training_definition(config) if config else {}
         except ValueError:  # a config.yaml this code cannot read as a model: compare nothing rather than guess
-            before, history = {}, []
+            before = {}
+        history = []
     else:
         before, history = saved["definition"], list(saved.get("accepted_changes", []))
     diffs = differences(before, now)

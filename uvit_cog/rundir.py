@@ -2,11 +2,12 @@
 
 A training run (`run_dir`) is laid out as
 
-    config.yaml                        the resolved config of the latest (re)start
+    config.yaml                        the resolved config of the latest (re)start, once its data and model are built
     metrics.jsonl                      one JSON record per logging step (and per FID / validation evaluation)
     samples/step_XXXXXXX.png           sample grids of the EMA model from fixed seeds
-    checkpoints/step_XXXXXXX/          one checkpoint (see `uvit_cog.checkpoints`): accelerate state, ema/,
-                                       train_state.json, pipeline/ (the EMA export) and manifest.json
+    checkpoints/step_XXXXXXX/          one checkpoint (see `uvit_cog.checkpoints`): accelerate state,
+                                       train_state.json, provenance.json (what defines the run), pipeline/ (the EMA
+                                       export) and manifest.json
     pipeline/                          the final EMA model as a `UViTPipeline` directory
     train.lock                         held by the training process that owns the run
 
