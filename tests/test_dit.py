@@ -421,6 +421,6 @@ def test_analyze_py_refuses_dit_runs_clearly(runs, mnist_npz, tmp_path, monkeypa
     argv = ["analyze.py", f"models.uvit={runs['dit_s2_cog']}", "models.uvic=null", f"images={mnist_npz}",
             "split=train", "num_images=2", f"out_dir={tmp_path / 'analysis'}"]
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit, match=r"model uvit \(.*\) is a DiTModel; attention weights are read from this "
+    with pytest.raises(SystemExit, match=r"models.uvit=.* is a DiTModel; attention weights are read from this "
                                          r"toolkit's own attention layers, which only UViTModel has"):
         runpy.run_path(str(ROOT / "analyze.py"), run_name="__main__")
