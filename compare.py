@@ -31,10 +31,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from uvit_cog.attention import ATTENTION_KINDS
+from uvit_cog.checks import SEED, Choice, IntList, NameList, check_fields, check_output_dir
+from uvit_cog.metrics import check_reference
 from uvit_cog.rundir import is_pipeline_dir, run_summary
-from uvit_cog.schedule import DEFAULT_SCHEDULERS
+from uvit_cog.schedule import DEFAULT_SCHEDULERS, OBJECTIVES
 
 VERDICTS = ("auto", "val", "fid")
+CHECKS = {"kinds": NameList(ATTENTION_KINDS, optional=True), "objectives": NameList(OBJECTIVES, optional=True),
+          "seeds": IntList(SEED, distinct=True), "verdict": Choice(VERDICTS)}
 # What each verdict metric reads from a run summary, and how it is named in the report (lower is better).
 METRICS = {"val": ("final_val_eps_mse", "validation ε-MSE"), "fid": ("final_fid", "FID")}
 
@@ -257,17 +262,27 @@ def write_report(cfg: DictConfig, specs: dict[str, list[str]], results: dict[str
     return out / "report.md"
 
 
-@hydra.main(config_path="conf", config_name="compare", version_base=None)
-def main(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> dict[str, list[str]]:
+    """Every option before the first training starts (a typo in the last variant must not cost the first's
+    training); returns the variants."""
+    check_fields(OmegaConf.to_container(cfg, resolve=True), CHECKS)
     specs = variants(cfg)
     if len(specs) < 2:
-        raise SystemExit(f"compare.py: {len(specs)} variant(s) ({list(specs)}); give at least two, e.g. "
-                         "kinds=[softmax,cog]")
-    if cfg.verdict not in VERDICTS:
-        raise SystemExit(f"compare.py: verdict={cfg.verdict!r}: choose one of {VERDICTS}")
-    if not Path(cfg.reference).exists():
-        raise SystemExit(f"compare.py: reference={cfg.reference!r} does not exist; give FID statistics (.npz with "
-                         "mu, sigma, e.g. from `python eval/score.py`), an .npz of images or an image folder")
+        raise ValueError(f"{len(specs)} variant(s) ({list(specs)}); give at least two, e.g. kinds=[softmax,cog]")
+    if not cfg.reference:
+        raise ValueError("reference is not set: give FID statistics (.npz with mu, sigma, e.g. from `python "
+                         "eval/score.py`), an .npz of images or an image folder")
+    check_reference(cfg.reference)
+    check_output_dir("out_dir", cfg.out_dir)
+    return specs
+
+
+@hydra.main(config_path="conf", config_name="compare", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        specs = check_config(cfg)
+    except (ValueError, FileNotFoundError) as e:  # said in full: no traceback needed
+        raise SystemExit(f"compare.py: {e}") from None
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "compare.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results: dict[str, dict[int, dict]] = {name: {} for name in specs}

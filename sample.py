@@ -17,10 +17,12 @@ from accelerate import Accelerator
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from uvit_cog.checkpoints import check_model_dir
+from uvit_cog.checks import SEED, Bool, Choice, Float, Int, check_fields, check_output_dir, check_output_file
 from uvit_cog.pipeline import load_pipeline
-from uvit_cog.rundir import resolve_pipeline_dir
+from uvit_cog.rundir import atomic_write
 from uvit_cog.sampling import generate_samples, sample_grid
-from uvit_cog.schedule import check_scheduler, scheduler_family
+from uvit_cog.schedule import SCHEDULER_NAMES, check_scheduler, scheduler_family
 
 CONFIG = Path(__file__).resolve().parent / "conf" / "sample.yaml"
 # conf/ also holds training's `model/` config group, which would read `model=PATH` as a group choice;
@@ -29,18 +31,28 @@ ConfigStore.instance().store(name="sample", node=OmegaConf.load(CONFIG))
 
 MODES = ("grid", "fid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Every option of conf/sample.yaml but model, classes and out (checked below): type, range, names.
+CHECKS = {
+    "mode": Choice(MODES), "dtype": Choice(list(DTYPES)), "scheduler": Choice(SCHEDULER_NAMES, optional=True),
+    "steps": Int(1), "guidance": Float(), "seed": SEED, "batch_size": Int(1), "grid_size": Int(1),
+    "num_samples": Int(1), "png": Bool(), "npz": Bool(),
+}
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Reject bad options before loading anything."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose one of {MODES}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}")
-    path = resolve_pipeline_dir(cfg.model)  # FileNotFoundError naming the path
+def check_config(cfg: DictConfig) -> Path:
+    """Reject bad options before loading anything; returns the pipeline directory to load."""
+    check_fields(OmegaConf.to_container(cfg, resolve=True), CHECKS)
+    if cfg.mode == "fid" and not (cfg.png or cfg.npz):
+        raise ValueError("png=false and npz=false: a sample set needs PNGs or an .npz; set png=true or npz=true")
+    path = check_model_dir(cfg.model)  # the path named if missing; a damaged export named with intact checkpoints
     if cfg.scheduler is not None:  # a sampler of the model's objective (DDPM or flow matching), named both if not
         saved = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         check_scheduler(cfg.scheduler, scheduler_family(saved))
+    if cfg.mode == "grid":
+        check_output_file("out", output_path(cfg), (".png",))
+    else:
+        check_output_dir("out", output_path(cfg))
+    return path
 
 
 def requested_classes(cfg: DictConfig) -> list[int | str] | None:
@@ -63,9 +75,9 @@ def output_path(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path=None, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
+    path = check_config(cfg)
     accelerator = Accelerator()
-    pipe = load_pipeline(cfg.model, dtype=DTYPES[cfg.dtype]).to(accelerator.device)
+    pipe = load_pipeline(path, dtype=DTYPES[cfg.dtype]).to(accelerator.device)
     pipe.set_progress_bar_config(disable=cfg.mode == "fid" or not accelerator.is_main_process)
     sampler = dict(
         seed=cfg.seed, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
@@ -77,7 +89,8 @@ def main(cfg: DictConfig) -> None:
         if accelerator.is_main_process:
             image = sample_grid(pipe, n=cfg.grid_size, **sampler)
             out.parent.mkdir(parents=True, exist_ok=True)
-            image.save(out)
+            with atomic_write(out) as f:
+                image.save(f, format="PNG")
             print(f"wrote {out} ({image.width}x{image.height})")
     else:
         generate_samples(

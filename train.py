@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from train_setup import (
     build_model,
-    check_resumed_run,
+    check_resume,
     diffusion_setup,
     tracker_config,
     validate_config,
@@ -160,7 +160,6 @@ def grid_prompts(cfg: DictConfig, dataset, num: int) -> list[str] | None:
 
 def train(cfg: DictConfig) -> Path:
     """Train from a composed config and return the run directory."""
-    check_resumed_run(cfg)  # first: a resumed run's own data split is what the checks below must see
     validate_config(cfg, PartialState(cpu=cfg.train.cpu).num_processes)
     run_dir = Path(cfg.run_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
@@ -197,8 +196,7 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
     """The training itself, once the run directory is this process's and interrupted saves are undone."""
     run_dir, device = Path(cfg.run_dir), accelerator.device
     resume_from = select_checkpoint_for_all(accelerator, run_dir, cfg.resume)  # after the recovery above
-    if accelerator.is_main_process:
-        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    provenance = check_resume(cfg, resume_from, log=accelerator.print)  # what the checkpoints record as this run
     dataset = build_dataset(OmegaConf.to_container(cfg.data, resolve=True))  # plain values, never a DictConfig
     vae = latent_vae(cfg)
     set_seed(cfg.seed)  # identical initial weights on every rank
@@ -216,10 +214,12 @@ def run_training(cfg: DictConfig, accelerator: Accelerator) -> Path:
                                   init_kwargs={"tensorboard": {"purge_step": step + 1}})  # drop the dead run's tail
     metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step,
                          trackers=(lambda values, at: accelerator.log(values, step=at)) if cfg.log.trackers else None)
-    tasks = PeriodicTasks(cfg, accelerator, parts, metrics, dataset, cond)
+    tasks = PeriodicTasks(cfg, accelerator, parts, metrics, dataset, cond, provenance)
     accelerator.print(f"{type(parts.ema).__name__}: {sum(p.numel() for p in parts.ema.parameters()) / 1e6:.2f} M "
                       f"parameters, {len(dataset)} training items, {accelerator.num_processes} process(es), run "
                       f"directory {run_dir}")
+    if accelerator.is_main_process:  # once the data and model are built: a start that fails before writes nothing
+        write_config(run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     progress = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     tally = Tally(device)
     while step < cfg.train.steps:
@@ -340,8 +340,9 @@ class PeriodicTasks:
     end the last grid and the final export."""
 
     def __init__(self, cfg: DictConfig, accelerator: Accelerator, parts: TrainingParts, metrics: MetricsLog,
-                 dataset, cond: Conditioning) -> None:
+                 dataset, cond: Conditioning, provenance: dict) -> None:
         self.cfg, self.accelerator, self.parts, self.metrics = cfg, accelerator, parts, metrics
+        self.provenance = provenance  # what defines the run (train_setup.check_resume), saved in every checkpoint
         self.run_dir = Path(cfg.run_dir)
         self.prompts = grid_prompts(cfg, dataset, cfg.sample.grid_size) if cond.kind == "text" else None
         self.val_x0 = self.val_condition = None  # fixed images, noise and t grid (uvit_cog.training)
@@ -363,7 +364,7 @@ class PeriodicTasks:
             check_ranks_in_sync(self.accelerator, model=self.accelerator.unwrap_model(self.parts.model),
                                 ema=self.parts.ema)
             save_checkpoint(self.accelerator, self.run_dir, step, train_state, self.parts.export,
-                            cfg.log.keep_checkpoints)
+                            cfg.log.keep_checkpoints, self.provenance)
 
     def finish(self, step: int) -> None:
         if not (self.cfg.log.sample_every and step % self.cfg.log.sample_every == 0):

@@ -16,11 +16,65 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from uvit_cog.metrics import compute_metrics, format_table, input_kind, resolve_device
+from uvit_cog.checkpoints import check_model_dir
+from uvit_cog.checks import (
+    SEED,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    check_device,
+    check_fields,
+    check_output_dir,
+    check_output_file,
+)
+from uvit_cog.inception import check_weights
+from uvit_cog.metrics import (
+    METRICS,
+    check_metric_names,
+    check_reference,
+    compute_metrics,
+    format_table,
+    input_kind,
+    resolve_device,
+    statistics_path,
+)
 from uvit_cog.pipeline import load_pipeline
 from uvit_cog.rundir import write_text_atomic
 from uvit_cog.sampling import sample_and_evaluate
 from uvit_cog.schedule import SCHEDULER_NAMES
+
+# The numbers and names of conf/eval.yaml (paths, metrics and the device are checked in `check_config`).
+CHECKS = {
+    "num_samples": Int(1, optional=True), "batch_size": Int(1), "seed": SEED, "kid_subset_size": Int(2),
+    "progress": Bool(), "scheduler": Choice(SCHEDULER_NAMES, optional=True), "steps": Int(1), "guidance": Float(),
+    "sample_batch_size": Int(1),
+}
+
+
+def check_config(cfg: DictConfig) -> str:
+    """Every option, before any image is read, generated or measured; returns the input's kind."""
+    check_fields(OmegaConf.to_container(cfg, resolve=True), CHECKS)
+    metrics = cfg.metrics
+    if not OmegaConf.is_list(metrics) or not all(isinstance(m, str) for m in metrics):
+        raise ValueError(f"metrics={metrics}: not a list of names; give a list of {METRICS}, e.g. metrics=[fid,kid]")
+    check_metric_names(list(metrics))
+    check_device("device", cfg.device)
+    check_weights("weights", cfg.weights)
+    kind = input_kind(cfg.input)
+    if kind == "model":
+        check_model_dir(cfg.input)
+        if cfg.num_samples is None:
+            raise ValueError(f"input={cfg.input} is a model: set num_samples, the number of images to generate")
+        if cfg.samples_dir is not None:
+            check_output_dir("samples_dir", cfg.samples_dir)
+    if cfg.reference is not None:
+        check_reference(cfg.reference)
+    if cfg.save_stats:
+        check_output_file("save_stats", statistics_path(cfg.save_stats), (".npz",))
+    if cfg.out:
+        check_output_file("out", cfg.out, (".json",))
+    return kind
 
 
 def measure_options(cfg: DictConfig) -> dict:
@@ -30,11 +84,8 @@ def measure_options(cfg: DictConfig) -> dict:
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
-    """Sample `cfg.num_samples` images from the model directory `cfg.input`, then score them."""
-    if not cfg.num_samples:
-        raise ValueError(f"{cfg.input} is a model: set num_samples, the number of images to generate")
-    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULER_NAMES:  # the family is checked on loading
-        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULER_NAMES} or null")
+    """Sample `cfg.num_samples` images from the model directory `cfg.input` (checked by `check_config`), then score
+    them: exactly those images (`sample_and_evaluate`), in `samples_dir` only if it holds this model's set."""
     classes = cfg.classes
     if isinstance(classes, ListConfig):
         classes = OmegaConf.to_container(classes)
@@ -53,7 +104,7 @@ def evaluate_model(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if input_kind(cfg.input) == "model":
+    if check_config(cfg) == "model":
         record = evaluate_model(cfg)
     else:
         record = compute_metrics(cfg.input, cfg.reference, num_samples=cfg.num_samples, batch_size=cfg.batch_size,

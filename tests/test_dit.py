@@ -380,9 +380,9 @@ def test_resume_reproduces_the_uninterrupted_cog_run(runs, mnist_npz, tmp_path):
     assert_same_weights(final_model(run_dir), final_model(runs["dit_s2_cog"]), atol=1e-6)
     assert_same_weights(final_ema(run_dir), final_ema(runs["dit_s2_cog"]), atol=1e-6)
     assert kinds(load_pipeline(run_dir).transformer) == KINDS["dit_s2_cog"]
-    with pytest.raises(ValueError, match=r"holds a run of another model .*'attention_type': \('cog', 'softmax'\)"):
+    with pytest.raises(ValueError, match=r"model.attention_type: 'cog' \(the run\) → 'softmax' \(now\)"):
         train_script.train(train_config(*dit_overrides(mnist_npz, run_dir, "dit_s2")))
-    with pytest.raises(ValueError, match=r"holds a run of another model .*'backbone': \('dit', 'uvit'\)"):
+    with pytest.raises(ValueError, match=r"model.backbone: 'dit' \(the run\) → 'uvit' \(now\)"):
         train_script.train(train_config("data=npz", f"data.path={mnist_npz}", "data.channels=1",
                                         "data.resolution=8", *TINY, f"run_dir={run_dir}"))
 
@@ -454,6 +454,6 @@ def test_analyze_py_refuses_dit_runs_clearly(runs, mnist_npz, tmp_path, monkeypa
     argv = ["analyze.py", f"models.uvit={runs['dit_s2_cog']}", "models.uvic=null", f"images={mnist_npz}",
             "split=train", "num_images=2", f"out_dir={tmp_path / 'analysis'}"]
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit, match=r"model uvit \(.*\) is a DiTModel; attention weights are read from this "
+    with pytest.raises(SystemExit, match=r"models.uvit=.* is a DiTModel; attention weights are read from this "
                                          r"toolkit's own attention layers, which only UViTModel has"):
         runpy.run_path(str(ROOT / "analyze.py"), run_name="__main__")

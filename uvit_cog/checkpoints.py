@@ -5,6 +5,7 @@ A checkpoint `RUN/checkpoints/step_XXXXXXX/` holds
     model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl   accelerate's `save_state`
     pipeline/                                                                   the EMA model as a `UViTPipeline`
     train_state.json                                                            step, data position, processes
+    provenance.json                                                             what defines the run (below)
     manifest.json                                                               every other file: size, SHA-256
 
 It is written into `checkpoints/.tmp_step_XXXXXXX/` and renamed into place once complete, so a reader sees a
@@ -14,6 +15,12 @@ with `weights_only=False`, so nothing is registered), and accelerate reads the r
 The manifest catches damage (truncation, bit rot, a planted or swapped file) before anything is read; it is
 no signature: whoever can write the run directory can write a matching manifest, but still cannot make
 loading run code.
+
+`provenance.json` (`PROVENANCE_FORMAT` 1) records what defines the run's training, so that a resume cannot change
+it silently: `{"format": 1, "definition": {dotted config key: value, ...}, "accepted_changes": [{"step": N,
+"changes": {key: [before, after]}}, ...]}` (made and checked by train_setup.check_resume). It lives in the
+checkpoint, not beside it, so the record always describes the weights it sits with, and a start that fails before
+its first checkpoint leaves nothing that a later start is compared with. Checkpoints written before it have none.
 """
 
 from __future__ import annotations
@@ -31,14 +38,26 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .pipeline import UViTPipelineBase, build_pipeline
-from .rundir import CHECKPOINTS_DIR, PIPELINE_DIR, TMP_PREFIX, checkpoint_dir, step_dirs, write_text_atomic
+from .rundir import (
+    CHECKPOINTS_DIR,
+    PIPELINE_DIR,
+    TMP_PREFIX,
+    checkpoint_dir,
+    resolve_pipeline_dir,
+    run_of_pipeline,
+    step_dirs,
+    write_text_atomic,
+)
 from .schedule import default_scheduler
 
 TRAIN_STATE = "train_state.json"
+PROVENANCE = "provenance.json"
+PROVENANCE_FORMAT = 1
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 OLD_PREFIX = ".old_"
@@ -161,11 +180,12 @@ def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: int, train_state: Mapping,
-                    export: Callable[[Path], None], keep: int) -> Path:
+                    export: Callable[[Path], None], keep: int, provenance: Mapping | None = None) -> Path:
     """Save a verified, atomic checkpoint `checkpoints/step_XXXXXXX` and keep the newest `keep`.
 
     Every rank calls this (DeepSpeed and FSDP save collectively). The main process writes the pipeline export
-    (the EMA), the train state and the manifest into a temporary directory, renames it into place, and prunes.
+    (the EMA), the train state, the provenance record (when given) and the manifest into a temporary directory,
+    renames it into place, and prunes.
     A failed write (a full disk, a lost mount) removes the temporary directory, leaves every earlier checkpoint as
     it was and raises a `CheckpointError` that says so; so does any other error while writing.
     """
@@ -182,6 +202,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | os.PathLike, step: 
             pause_point("state_saved")
             export(tmp / PIPELINE_DIR)
             write_text_atomic(tmp / TRAIN_STATE, json.dumps(dict(train_state), indent=1))
+            if provenance is not None:
+                write_text_atomic(tmp / PROVENANCE, json.dumps(dict(provenance), indent=1))
             pause_point("exported")
             write_manifest(tmp)
             pause_point("manifest_written")
@@ -283,6 +305,40 @@ def select_checkpoint_for_all(accelerator: Accelerator, run_dir: str | os.PathLi
     if isinstance(chosen, Exception):
         raise chosen
     return chosen
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """The pipeline directory of a model path (`resolve_pipeline_dir`), its safetensors files checked readable
+    (header and size: a truncated file is caught here, before any work). A damaged export of a training run is
+    reported with the run's intact checkpoints, whose pipelines can be given instead."""
+    pipe_dir = resolve_pipeline_dir(path)
+    for file in sorted(pipe_dir.rglob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            run = run_of_pipeline(pipe_dir)
+            intact = [c / PIPELINE_DIR for c in list_checkpoints(run) if c / PIPELINE_DIR != pipe_dir
+                      and not verify_checkpoint(c)] if run is not None else []
+            fix = (f"the run's intact checkpoints hold EMA pipelines: give one of {[str(c) for c in intact[::-1]]} "
+                   "instead (newest first)" if intact else "restore the file from a copy")
+            raise ValueError(f"model={path}: {file} is damaged ({e}); {fix}") from e
+    return pipe_dir
+
+
+def read_provenance(path: str | os.PathLike) -> dict | None:
+    """The provenance record of the checkpoint at `path`, None for one written before checkpoints had one."""
+    file = Path(path) / PROVENANCE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+        if record["format"] != PROVENANCE_FORMAT or not isinstance(record["definition"], dict):
+            raise ValueError(f"format {record['format']!r}, expected {PROVENANCE_FORMAT}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: unreadable provenance record ({e}); the checkpoint matches its manifest, so "
+                              "it was written this way: restore the run from a copy, or resume= an older one") from e
+    return record
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike, ema: nn.Module) -> dict:

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .captions import CaptionedImageDataset
-from .images import class_folder_items, load_npz_arrays, open_rgb, split_npz_spec, to_unit_range
+from .images import as_nhwc, class_folder_items, load_npz_arrays, open_rgb, split_npz_spec, to_unit_range
 
 # folder: a class folder, root/<class>/<image>; captions: MS-COCO or a metadata.jsonl folder (data.format)
 DATA_KINDS = ("digits", "cifar10", "npz", "folder", "latents", "captions")
@@ -55,20 +55,17 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 class ArrayDataset(Dataset):
     """Images held in memory as uint8, resized once to `resolution` (bilinear, antialiased) if needed.
 
-    `images` is (N, H, W, C) or grayscale (N, H, W); `labels` is (N,) or None (unlabelled).
+    `images` is uint8 (N, H, W, C), (N, C, H, W) or grayscale (N, H, W), checked by `uvit_cog.images.as_nhwc` (an
+    ambiguous shape is refused, other dtypes get the conversion their range calls for); `labels` is (N,) or None
+    (unlabelled).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, resolution: int) -> None:
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(
-                f"images must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}"
-            )
-        if images.ndim == 3:
-            images = images[..., None]
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, resolution: int, name: str = "images") -> None:
+        images = as_nhwc(images, name)
         if images.shape[1] != images.shape[2]:
-            raise ValueError(f"images must be square, got {images.shape[1]}x{images.shape[2]}")
+            raise ValueError(f"{name}: images must be square, got {images.shape[1]}x{images.shape[2]}")
         if labels is not None and len(labels) != len(images):
-            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+            raise ValueError(f"{name}: {len(labels)} labels for {len(images)} images")
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         if x.shape[-1] != resolution:
             x = torch.cat([
@@ -307,7 +304,7 @@ def build_dataset(cfg: Mapping) -> Dataset:
         dataset = ArrayDataset(raw.data, np.asarray(raw.targets), resolution=cfg["resolution"])
     elif kind == "npz":
         images, labels = load_npz_arrays(cfg["path"], cfg.get("split"))
-        dataset = ArrayDataset(images, labels, resolution=cfg["resolution"])
+        dataset = ArrayDataset(images, labels, resolution=cfg["resolution"], name=f"data.path={cfg['path']}")
     elif kind == "folder":
         dataset = ClassFolderDataset(cfg["root"], cfg["resolution"])
     elif kind == "latents":
@@ -376,7 +373,7 @@ def build_validation_dataset(cfg: Mapping) -> Dataset:
         if key is not None and (not key.startswith("x_") or key == "x_test"):
             raise ValueError(f"data.path={cfg['path']} names the array {key!r}, beside which there is no other x_test "
                              "to validate on: set data.val_split=holdout and data.holdout=N")
-        dataset = ArrayDataset(*load_npz_arrays(f"{path}:x_test"), resolution=cfg["resolution"])
+        dataset = ArrayDataset(*load_npz_arrays(f"{path}:x_test"), resolution=cfg["resolution"], name=f"{path}:x_test")
         check_dataset(dataset, cfg)
         return dataset
     if kind == "latents" and cfg.get("val_root"):

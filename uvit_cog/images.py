@@ -5,6 +5,9 @@
   them, are `y_S` beside `x_S` and `arr_1` beside `arr_0`. The older spelling `split=S` (training's
   `data.split`, analyze.py's `split`) still reads `x_S` (falling back to `arr_0`) when the path names no array.
   Files are read with `allow_pickle=False`; anything that is not an `.npz` archive is refused naming the path.
+  Arrays are uint8 (N, H, W, C), (N, C, H, W) or grayscale (N, H, W); a shape that reads two ways (one (16, 16, 3)
+  image or 16 grayscale 16x3 images) is refused rather than guessed (`image_layout`), and other dtypes get the
+  conversion their range calls for (`uint8_fix`), never one that would corrupt them.
 - **class folder** (training, latent extraction): `root/<class>/<image>`, torchvision's `ImageFolder` layout;
   the sorted subfolder names are the classes.
 - **flat folder** (evaluation): the images directly inside one folder, all of one size.
@@ -12,11 +15,13 @@
 Both folder kinds take the files ending in `IMAGE_EXTENSIONS` (any case) and skip hidden names (`.x`: editor
 and OS litter such as macOS's `._x.png`, and `rundir.atomic_write`'s temporary files). Every image is decoded
 by `open_rgb`: palette, grayscale, RGBA/LA (alpha dropped, as torchvision and timm do), CMYK and 16-bit
-images become 8-bit RGB; truncated or undecodable files stop with an error naming the file.
+images become 8-bit RGB; truncated or undecodable files stop with an error naming the file (a flat folder's
+PNGs are checked for truncation before any is decoded: `png_is_complete`).
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -72,7 +77,8 @@ def read_npz_array(data: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarr
 
 def npz_image_key(data: np.lib.npyio.NpzFile, path: Path, key: str | None = None, split: str | None = None) -> str:
     """The image array of an open `.npz`: `key` if given, else `x_{split}` / `arr_0` for a `split`, else
-    `NPZ_DEFAULT_KEYS`, else the only array with an image shape (ndim >= 3)."""
+    `NPZ_DEFAULT_KEYS`, else the only array with an image shape (ndim >= 3). A file without one is refused, and
+    one that holds statistics under other names than `mu` and `sigma` says so."""
     if key is not None:
         if key not in data.files:
             raise ValueError(f"{path}: no array {key!r}; it holds {data.files}")
@@ -86,10 +92,21 @@ def npz_image_key(data: np.lib.npyio.NpzFile, path: Path, key: str | None = None
             f"{path} has arrays {data.files}; expected x_{split} or ADM's arr_0 "
             f"(name the image array with {path}:KEY)"
         )
-    images = [k for k in data.files if read_npz_array(data, path, k).ndim >= 3]
-    if len(images) != 1:
-        raise ValueError(f"{path}: pick one of the arrays {data.files} with {path}:KEY")
-    return images[0]
+    shapes = {k: read_npz_array(data, path, k).shape for k in data.files}
+    images = [k for k, shape in shapes.items() if len(shape) >= 3]
+    if len(images) == 1:
+        return images[0]
+    if images:
+        raise ValueError(f"{path}: several image arrays {images}; pick one with {path}:KEY")
+    vectors = [k for k, shape in shapes.items() if len(shape) == 1]
+    squares = [k for k, shape in shapes.items() if len(shape) == 2 and shape[0] == shape[1]]
+    if any(shapes[v][0] == shapes[m][0] for v in vectors for m in squares):
+        raise ValueError(
+            f"{path} holds {shapes}: no images, but a vector and a square matrix, like statistics saved under "
+            "other names. Statistics files are read from the arrays mu (D,) and sigma (D, D): if these are the mean "
+            "and covariance of Inception pool features, save them again as np.savez(path, mu=MEAN, sigma=COV)"
+        )
+    raise ValueError(f"{path} holds {shapes}: no image array (N, H, W[, C]); images are uint8 arrays of ndim >= 3")
 
 
 def npz_label_key(image_key: str) -> str | None:
@@ -118,20 +135,71 @@ def load_npz_arrays(spec: str | Path, split: str | None = None) -> tuple[np.ndar
     return images, labels
 
 
-def as_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Check and normalise image pixels to uint8 NHWC RGB: grayscale (N,H,W) or 1-channel becomes RGB, NCHW is
-    transposed; anything else is refused with the reason."""
+def uint8_fix(array: np.ndarray) -> str:
+    """How to turn `array` into uint8 pixels 0..255, judged by its range; no conversion is suggested for a range
+    that says nothing about pixels (a wrong guess would silently corrupt every image)."""
+    if array.size == 0 or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        return "store uint8 pixels 0..255"
+    if not np.isfinite(array).all():
+        return "it holds NaN or Inf, so it is no image: check how it was made"
+    low, high = array.min().item(), array.max().item()
+    seen = f"its values lie in [{low:g}, {high:g}]"
+    if np.issubdtype(array.dtype, np.integer):
+        if 0 <= low and high <= 255:
+            return f"{seen}: convert with x.astype(np.uint8)"
+        return f"{seen}, beyond 0..255: rescale them to 0..255 knowing what they mean, then x.astype(np.uint8)"
+    if 0 <= low and high <= 1:
+        return f"{seen} (0..1): convert with (x * 255).round().clip(0, 255).astype(np.uint8)"
+    if -1 <= low < 0 and high <= 1:
+        return f"{seen} (-1..1): convert with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
+    if 0 <= low and high <= 255:
+        return f"{seen} (0..255): convert with x.round().clip(0, 255).astype(np.uint8)"
+    return f"{seen}, no pixel range this toolkit knows: rescale them to 0..255 knowing what they mean"
+
+
+def check_uint8(array: np.ndarray, name: str) -> None:
+    """Raise unless `array` holds uint8 pixels, with the conversion its range calls for (`uint8_fix`)."""
     if array.dtype != np.uint8:
-        raise ValueError(
-            f"{name}: pixels are {array.dtype}, expected uint8 in 0..255 "
-            "(convert with (x * 255).round().clip(0, 255).astype(np.uint8))"
-        )
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4 or len(array) == 0:
-        raise ValueError(f"{name}: shape {array.shape} is not a non-empty image batch (N,H,W[,C])")
-    if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
-        array = array.transpose(0, 2, 3, 1)
+        raise ValueError(f"{name}: pixels are {array.dtype}, expected uint8 0..255; {uint8_fix(array)}")
+
+
+def image_layout(shape: tuple[int, ...], name: str) -> str:
+    """The layout of an image batch: "NHW" (grayscale), "NHWC" or "NCHW"; an ambiguous shape is refused.
+
+    A 3-d array is N grayscale images unless its last axis could be channels (1, 3 or 4): then it may as well be
+    one image (H, W, C), which would be read as H images of W x C pixels. A 4-d array whose second and last axes
+    could both be channels is refused too.
+    """
+    if len(shape) not in (3, 4) or 0 in shape:
+        raise ValueError(f"{name}: shape {shape} is not a non-empty image batch (N, H, W) or (N, H, W, C)")
+    if len(shape) == 3:
+        if shape[-1] in (1, 3, 4):
+            n, h, w = shape
+            raise ValueError(
+                f"{name}: shape {shape} is ambiguous: one {n}x{h} image with {w} channels (H, W, C), or {n} grayscale "
+                f"{h}x{w} images (N, H, W); store a batch with its channel axis, (N, H, W, C) (one image: x[None])"
+            )
+        return "NHW"
+    last, second = shape[-1] in (1, 3), shape[1] in (1, 3)
+    if last and second:
+        raise ValueError(f"{name}: shape {shape} is ambiguous between (N, H, W, C) and (N, C, H, W); store "
+                         "(N, H, W, C) images whose height and width are not 1 or 3")
+    return "NCHW" if second else "NHWC"
+
+
+def as_nhwc(array: np.ndarray, name: str) -> np.ndarray:
+    """A checked uint8 image batch (`check_uint8`, `image_layout`) as (N, H, W, C)."""
+    check_uint8(array, name)
+    layout = image_layout(array.shape, name)
+    if layout == "NHW":
+        return array[..., None]
+    return array.transpose(0, 2, 3, 1) if layout == "NCHW" else array
+
+
+def as_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Check and normalise image pixels to uint8 NHWC RGB (`as_nhwc`; grayscale becomes RGB); anything else is
+    refused with the reason."""
+    array = as_nhwc(array, name)
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.shape[-1] != 3:
@@ -198,12 +266,26 @@ def class_folder_items(root: str | Path) -> tuple[list[str], list[tuple[Path, in
     return classes, items
 
 
-def flat_folder_files(folder: str | Path) -> list[Path]:
-    """The images directly in `folder` (not recursive), sorted; all must have one size, or a clear error."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if is_image_file(p))
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) directly in this folder")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG file ends with
+
+
+def png_is_complete(path: Path) -> bool:
+    """Whether a PNG file ends with its IEND chunk: a file cut short (a copy or a disk that failed) does not. Reads
+    12 bytes, so a whole sample set is checked in moments; damage inside a file shows only when decoded."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def check_image_files(files: list[Path], where: str) -> None:
+    """Every file's header decodes, PNGs are complete (`png_is_complete`) and all have one size, or an error names
+    the file: before any image is decoded in full (Inception is slow; a fault found after it wastes the run)."""
     sizes = {}
     for path in files:
         try:
@@ -211,12 +293,23 @@ def flat_folder_files(folder: str | Path) -> list[Path]:
                 sizes.setdefault(image.size, path)
         except (OSError, UnidentifiedImageError) as error:
             raise OSError(f"{path}: cannot decode this image ({error}); replace or remove the file") from error
+        if path.suffix.lower() == ".png" and not png_is_complete(path):
+            raise OSError(f"{path}: truncated PNG (no IEND chunk at its end); replace or remove the file")
         if len(sizes) > 1:
             (size0, first), (size1, other) = sizes.items()
             raise ValueError(
-                f"{folder}: images of mixed sizes: {first.name} is {size0[0]}x{size0[1]} but "
+                f"{where}: images of mixed sizes: {first.name} is {size0[0]}x{size0[1]} but "
                 f"{other.name} is {size1[0]}x{size1[1]}; resize them to one size first"
             )
+
+
+def flat_folder_files(folder: str | Path) -> list[Path]:
+    """The images directly in `folder` (not recursive), sorted and checked by `check_image_files`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not files:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) directly in this folder")
+    check_image_files(files, str(folder))
     return files
 
 
@@ -237,11 +330,12 @@ class ArrayImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
 
 
-class FlatFolderImages(Dataset):
-    """The images of a flat folder (`flat_folder_files`), decoded by `open_rgb`, as uint8 CHW tensors."""
+class ImageFiles(Dataset):
+    """Image files (a flat folder's `flat_folder_files`, or the members of a sample set), decoded by `open_rgb`, as
+    uint8 CHW tensors."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.files = flat_folder_files(folder)
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
 
     def __len__(self) -> int:
         return len(self.files)
@@ -278,7 +372,7 @@ def load_images(source: str | Path | np.ndarray | Dataset, num_samples: int | No
         if kind == "npz":
             images = ArrayImages(as_rgb_uint8(load_npz_arrays(source)[0], str(source)))
         elif kind == "folder":
-            images = FlatFolderImages(source)
+            images = ImageFiles(flat_folder_files(source))
         else:
             root = Path(torch.hub.get_dir()).parent / "fidelity_datasets"  # torch-fidelity's default
             root.mkdir(parents=True, exist_ok=True)

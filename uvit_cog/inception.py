@@ -195,6 +195,16 @@ def _auto_weights() -> InceptionWeights:
         return InceptionWeights("offline", str(offline_inception_weights()), False)
 
 
+WEIGHT_NAMES = ("auto", "offline", "download")
+
+
+def check_weights(field: str, weights: str | Path) -> None:
+    """Refuse, before any work, a weights value that is neither one of `WEIGHT_NAMES` nor an existing file."""
+    if str(weights) not in WEIGHT_NAMES and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"{field}={weights}: no such file; use one of {WEIGHT_NAMES} or a path to a "
+                                "torch-fidelity Inception .pth")
+
+
 def resolve_weights(weights: str | Path = "auto") -> InceptionWeights:
     """Pick the Inception weights: a file path, `download` (torch-fidelity's), `offline` (converted fid-helper),
     or `auto` = torch-fidelity's (cached or downloaded) and, when the download fails, offline."""
@@ -204,9 +214,8 @@ def resolve_weights(weights: str | Path = "auto") -> InceptionWeights:
         return InceptionWeights("torch-fidelity", str(_download_torch_fidelity_weights()), True)
     if weights == "offline":
         return InceptionWeights("offline", str(offline_inception_weights()), False)
+    check_weights("weights", weights)
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights={weights}: no such file (or use auto, download, offline)")
     has_logits = "fc.weight" in torch.load(path, map_location="cpu", weights_only=True)
     return InceptionWeights("user", str(path), has_logits)
 

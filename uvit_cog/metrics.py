@@ -29,11 +29,13 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from tqdm.auto import tqdm
 
-from .images import image_source_kind, load_images, open_npz, split_npz_spec
+from .checks import check_output_file
+from .images import image_source_kind, load_images, npz_image_key, open_npz, split_npz_spec
 from .inception import NO_LOGITS, InceptionWeights, create_inception, resolve_weights
 from .rundir import atomic_write, is_model_dir
 
 METRICS = ("fid", "kid", "isc", "prc")
+FEATURE_DIM = 2048  # the TF-Inception pool features that FID, KID and precision/recall are computed on
 UNAVAILABLE = "unavailable"
 ISC_SPLITS, PRC_NEIGHBORHOOD = 10, 3  # torch-fidelity's defaults
 
@@ -96,11 +98,16 @@ class Statistics:
         return cls(stats["mu"], stats["sigma"], len(features), meta)
 
 
+def statistics_path(path: str | Path) -> Path:
+    """Where `save_statistics` writes `path`: with `.npz` appended when it lacks it, as `np.savez` does."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
 def save_statistics(path: str | Path, stats: Statistics) -> Path:
     """Write `mu`, `sigma` (the layout of published `fid_stats_*.npz`), the image count and provenance,
-    atomically; a path without `.npz` gets it appended, as `np.savez` does. Returns the file written."""
-    path = Path(path)
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")  # np.savez's naming
+    atomically, to `statistics_path(path)`. Returns the file written."""
+    path = statistics_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {f"meta_{k}": np.asarray(str(v)) for k, v in stats.meta.items()}
     with atomic_write(path) as f:
@@ -156,6 +163,32 @@ class Reference(NamedTuple):
     data: Statistics | Dataset | None
 
 
+def check_reference_statistics(stats: Statistics, spec: str) -> Statistics:
+    """Refuse reference statistics of other features than the 2048-d Inception pool the input is measured with."""
+    if stats.mu.shape[0] != FEATURE_DIM:
+        raise ValueError(
+            f"reference={spec}: statistics of {stats.mu.shape[0]}-d features, but the input is measured on the "
+            f"{FEATURE_DIM}-d TF-Inception pool features: make the reference with `python eval/score.py "
+            "input=IMAGES save_stats=FILE.npz` (or use a published fid_stats_*.npz)"
+        )
+    return stats
+
+
+def check_reference(reference: str | Path) -> str:
+    """Check a reference spec without loading its images (for entry points, before any work): it exists, is no
+    model, and statistics hold 2048-d `mu`/`sigma`. Returns its kind (`input_kind`)."""
+    kind = input_kind(reference)
+    if kind == "model":
+        raise ValueError(f"reference={reference} is a model directory: sample it first, or give images or statistics")
+    if kind == "statistics":
+        check_reference_statistics(load_statistics(reference), str(reference))
+    if kind == "npz":  # an image array is there (statistics under other names are not taken for images)
+        path, key = split_npz_spec(reference)
+        with open_npz(path) as data:
+            npz_image_key(data, path, key)
+    return kind
+
+
 def load_reference(reference: str | Path | np.ndarray | Dataset | Statistics | Reference | None) -> Reference:
     """Check and load a reference (statistics file or `Statistics`, images of any `load_images` kind, or
     None) before any work; a model directory is refused (it has to be sampled first)."""
@@ -164,12 +197,10 @@ def load_reference(reference: str | Path | np.ndarray | Dataset | Statistics | R
     if reference is None:
         return Reference(None, None, None)
     if isinstance(reference, Statistics):
-        return Reference("<Statistics>", "statistics", reference)
+        return Reference("<Statistics>", "statistics", check_reference_statistics(reference, "<Statistics>"))
     if not isinstance(reference, str | Path):
         return Reference(f"<{type(reference).__name__}>", "array", load_images(reference))
-    kind = input_kind(reference)
-    if kind == "model":
-        raise ValueError(f"reference {reference} is a model directory: sample it first, or give images")
+    kind = check_reference(reference)
     data = load_statistics(reference) if kind == "statistics" else load_images(reference)
     return Reference(str(reference), kind, data)
 
@@ -274,6 +305,8 @@ def compute_metrics(
             f"{source} is a model directory: sample it first (eval/score.py input=MODEL num_samples=N does, "
             "or uvit_cog.sampling.sample_and_evaluate)"
         )
+    if save_stats:
+        check_output_file("save_stats", statistics_path(save_stats), (".npz",))
     images = load_images(source, num_samples)
     ref = load_reference(reference)
 

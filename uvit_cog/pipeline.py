@@ -636,6 +636,7 @@ def with_components(pipeline: UViTPipelineBase, **components) -> UViTPipelineBas
     """A pipeline of the same class sharing `pipeline`'s components and objective, some replaced (e.g. the
     scheduler); `pipeline` itself is left unchanged, and so is its progress-bar setting."""
     swapped = type(pipeline)(**{**pipeline.components, **components}, objective=pipeline.config.objective)
+    swapped.register_to_config(_name_or_path=pipeline.name_or_path)  # the same model, from the same place
     swapped.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
     return swapped
 

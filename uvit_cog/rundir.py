@@ -2,11 +2,12 @@
 
 A training run (`run_dir`) is laid out as
 
-    config.yaml                        the resolved config of the latest (re)start
+    config.yaml                        the resolved config of the latest (re)start, once its data and model are built
     metrics.jsonl                      one JSON record per logging step (and per FID / validation evaluation)
     samples/step_XXXXXXX.png           sample grids of the EMA model from fixed seeds
-    checkpoints/step_XXXXXXX/          one checkpoint (see `uvit_cog.checkpoints`): accelerate state, ema/,
-                                       train_state.json, pipeline/ (the EMA export) and manifest.json
+    checkpoints/step_XXXXXXX/          one checkpoint (see `uvit_cog.checkpoints`): accelerate state,
+                                       train_state.json, provenance.json (what defines the run), pipeline/ (the EMA
+                                       export) and manifest.json
     pipeline/                          the final EMA model as a `UViTPipeline` directory
     train.lock                         held by the training process that owns the run
 
@@ -118,6 +119,17 @@ def resolve_pipeline_dir(path: str | os.PathLike) -> Path:
         f"{str(path)!r} is neither a pipeline directory (no {MODEL_INDEX}) nor a training run with "
         f"{PIPELINE_DIR}/ or {CHECKPOINTS_DIR}/step_*/{PIPELINE_DIR}/"
     )
+
+
+def run_of_pipeline(pipe_dir: str | os.PathLike) -> Path | None:
+    """The training run a pipeline directory belongs to (`RUN/pipeline`, `RUN/checkpoints/step_*/pipeline`), or
+    None for a pipeline directory of its own."""
+    pipe_dir = Path(pipe_dir).resolve()
+    if pipe_dir.name != PIPELINE_DIR:
+        return None
+    if checkpoint_step(pipe_dir.parent) >= 0 and pipe_dir.parent.parent.name == CHECKPOINTS_DIR:
+        return pipe_dir.parent.parent.parent
+    return pipe_dir.parent if (pipe_dir.parent / CHECKPOINTS_DIR).is_dir() else None
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

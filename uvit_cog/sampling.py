@@ -9,13 +9,21 @@ samplers and for the stochastic ones whose `step` takes a generator (DDPM, DDIM,
 DPM-Solver), which then draw each image's step noise from its own generator; a sampler that draws step
 noise otherwise (e.g. a Brownian tree) is deterministic per seed only for a fixed batch composition.
 Floating-point results of a batched forward can still differ in the last bits between batch sizes.
+
+A sample set (`generate_samples`) records where its images came from in `sample_set.json` (`sample_set_record`):
+the model's `uvit_cog.provenance.model_sha256` (config and weights as sampled: dtype included) with its source
+path, and every setting an image depends on (seed, steps, guidance, class ids, the scheduler's class and config).
+Adding to a set from another model or with other settings is refused naming every difference, and a folder whose
+numbered images carry no record is neither extended nor scored: a set is one model's, or it is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,14 +38,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .checks import SEED, check_output_file
+from .images import ImageFiles, png_is_complete
 from .inception import InceptionWeights, resolve_weights
-from .metrics import METRICS, Statistics, check_metric_names, compute_metrics, load_reference
+from .metrics import METRICS, Statistics, check_metric_names, compute_metrics, load_reference, statistics_path
 from .pipeline import ClassLabel, UViTPipeline, UViTPipelineBase, UViTText2ImagePipeline, with_components
-from .rundir import TMP_PREFIX, atomic_write
+from .provenance import as_json, describe_differences, differences, model_sha256
+from .rundir import TMP_PREFIX, atomic_write, write_text_atomic
 from .schedule import make_scheduler
 
 NPZ_NAME = "samples.npz"
 PARTS_DIR = ".parts"  # PNG store of an .npz-only sample set, removed once the .npz is written
+SET_RECORD = "sample_set.json"  # where a sample set came from: `sample_set_record`
+SET_FORMAT = 1
+SET_MEMBER = re.compile(r"\d{6}\.png")  # the images of a set: png_path's names
 
 
 def index_generator(seed: int, index: int) -> torch.Generator:
@@ -121,6 +135,7 @@ def sample_grid(
     uses generator `seed + k`."""
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"grid size n must be a positive int, got {n!r}")
+    SEED("seed", seed)
     if isinstance(pipeline, UViTText2ImagePipeline):
         if not prompts:
             raise ValueError("a text-to-image model's grid needs prompts (one row each)")
@@ -174,6 +189,67 @@ def remove_partial_writes(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def sample_set_record(pipeline: UViTPipeline, seed: int, num_inference_steps: int, guidance_scale: float,
+                      class_ids: Sequence[int]) -> dict:
+    """What a sample set's images depend on, as JSON: the model (`model_sha256` of the transformer and VAE, and
+    the path it was loaded from, for people) and the settings (seed, steps, guidance, the class ids labels are
+    drawn from, the scheduler's class and config without diffusers' bookkeeping keys). `pipeline` samples with
+    the scheduler of the set (`with_scheduler`). The batch size and the image count are not in it: an image does
+    not depend on them, and a set may grow."""
+    config = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
+    return as_json({
+        "format": SET_FORMAT,
+        "model": {"sha256": model_sha256(pipeline.transformer, pipeline.vae),
+                  "source": getattr(pipeline, "name_or_path", None)},
+        "settings": {"seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                     "class_ids": list(class_ids) or None,
+                     "scheduler": {"class": type(pipeline.scheduler).__name__, "config": config}},
+    })
+
+
+def set_members(out_dir: Path) -> list[Path]:
+    """The images of the sample set in `out_dir`: numbered PNGs (also in its `.parts` store) and `samples.npz`."""
+    found = [p for folder in (out_dir, out_dir / PARTS_DIR) if folder.is_dir()
+             for p in sorted(folder.iterdir()) if SET_MEMBER.fullmatch(p.name)]
+    return found + ([out_dir / NPZ_NAME] if (out_dir / NPZ_NAME).is_file() else [])
+
+
+def check_sample_set(out_dir: Path, record: dict) -> None:
+    """Refuse to add to the set in `out_dir` unless its images came from the model and settings of `record`.
+
+    A folder without images takes any set (a start that failed before its first image blocks nothing). Images
+    without a record (another tool, another model, or a set written before sets had records) are refused: their
+    model is unknown, and resuming or scoring them as this model's would mix models silently.
+    """
+    members = set_members(out_dir)
+    if not members:
+        return
+    path = out_dir / SET_RECORD
+    if not path.is_file():
+        raise ValueError(
+            f"{out_dir} holds {len(members)} sample image(s) ({members[0].name}, ...) but no {SET_RECORD}: their "
+            "model and settings are unknown, so they are neither extended nor scored as this model's. Give another "
+            "output folder, or move those images away"
+        )
+    saved = json.loads(path.read_text())
+    diffs = differences({"model": saved.get("model", {}).get("sha256"), **saved.get("settings", {})},
+                        {"model": record["model"]["sha256"], **record["settings"]}, strict=True)
+    if diffs:
+        what = "another model" if "model" in diffs else "other settings"
+        source = saved.get("model", {}).get("source") or "a pipeline built in memory"
+        raise ValueError(
+            f"{out_dir} is a sample set of {what} ({len(members)} image(s); model from {source}): adding images "
+            f"would mix two sets:\n{describe_differences(diffs, 'the set', 'now')}\nGive another output folder, or "
+            "delete this one to start the set over"
+        )
+
+
+def sample_set_files(out_dir: str | os.PathLike, num_samples: int) -> list[Path]:
+    """The PNGs of images 0 .. num_samples-1 of a sample set written with PNGs: what a score of the set reads,
+    and nothing else the folder may hold."""
+    return [png_path(Path(out_dir), i) for i in range(num_samples)]
+
+
 def generate_samples(
     pipeline: UViTPipeline,
     out_dir: str | os.PathLike,
@@ -190,8 +266,10 @@ def generate_samples(
 ) -> Path:
     """Generate `num_samples` images into `out_dir` as `000000.png`, … and/or `samples.npz`; returns `out_dir`.
 
-    Resumable: indices whose PNG exists are skipped (PNGs are written atomically). Under `accelerate
-    launch` the missing indices are split across processes, each generated exactly once. A
+    Resumable: indices whose PNG exists whole are skipped (PNGs are written atomically; one cut short by other
+    means is made again). A set records its model and settings (`sample_set.json`, `sample_set_record`), and
+    adding to a set of another model or other settings is refused before any work (`check_sample_set`). Under
+    `accelerate launch` the missing indices are split across processes, each generated exactly once. A
     class-conditional model's labels are drawn uniformly from `class_labels` (default: all classes) with
     each image's own generator. With `write_png=False` the PNGs are kept in `out_dir/.parts` until the
     `.npz` (built in memory: N·H·W·3 bytes) is written.
@@ -200,18 +278,29 @@ def generate_samples(
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if not (write_png or write_npz):
         raise ValueError("nothing to write: set write_png and/or write_npz")
+    SEED("seed", seed)
     choices = pipeline.get_label_ids(class_labels) if class_labels is not None else list(range(pipeline.num_classes))
     pipeline.check_inputs(batch_size, choices[:1] or None, num_inference_steps, guidance_scale)
     pipeline = with_scheduler(pipeline, scheduler)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={out_dir} is a file: a sample set is a folder; give a folder path")
+    record = sample_set_record(pipeline, seed, num_inference_steps, guidance_scale, choices)
+    check_sample_set(out_dir, record)
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
-    out_dir = Path(out_dir)
     store = out_dir if write_png else out_dir / PARTS_DIR
     store.mkdir(parents=True, exist_ok=True)
     for folder in {out_dir, store}:  # the .npz goes to out_dir, the PNGs to store
         remove_partial_writes(folder)
-    todo = [i for i in range(num_samples) if not png_path(store, i).exists()]
+    if rank == 0:
+        write_text_atomic(out_dir / SET_RECORD, json.dumps(record, indent=1))
+    todo = [i for i in range(num_samples) if not png_is_complete(png_path(store, i))]
+    damaged = [png_path(store, i).name for i in todo if png_path(store, i).exists()]
+    if damaged and rank == 0:
+        print(f"{store}: {len(damaged)} image(s) cut short ({', '.join(damaged[:5])}"
+              f"{', ...' if len(damaged) > 5 else ''}): made again")
     barrier()  # every process lists the missing indices before any writes one
     mine = todo[rank::world]
 
@@ -280,6 +369,8 @@ def sample_and_evaluate(
     if samples_dir is None and world > 1:
         raise ValueError("samples_dir is required with several processes: a folder every process can write")
     check_metric_names(metrics)
+    if save_stats:
+        check_output_file("save_stats", statistics_path(save_stats), (".npz",))
     ref = load_reference(reference) if is_main else None
     weights = weights if isinstance(weights, InceptionWeights) else resolve_weights(weights)
     device = str(accelerator.device if accelerator else pipeline.device)
@@ -296,10 +387,12 @@ def sample_and_evaluate(
                          class_labels=class_labels, scheduler=scheduler, accelerator=accelerator)
         seconds = time.perf_counter() - start
         record = None
-        if is_main:
-            record = compute_metrics(folder, ref, metrics=metrics, weights=weights, batch_size=inception_batch_size,
+        if is_main:  # the set's own images 0 .. num_samples-1, nothing else the folder holds
+            images = ImageFiles(sample_set_files(folder, num_samples))
+            record = compute_metrics(images, ref, metrics=metrics, weights=weights, batch_size=inception_batch_size,
                                      device=device, seed=seed, kid_subset_size=kid_subset_size,
                                      save_stats=save_stats, progress=progress)
+            record["input"].update(spec=str(folder), kind="sample set")
             record["sampler"] = {
                 "scheduler": scheduler if scheduler is None or isinstance(scheduler, str) else type(scheduler).__name__,
                 "steps": num_inference_steps,
