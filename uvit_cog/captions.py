@@ -228,10 +228,14 @@ class CaptionedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def pixels(self, i: int) -> Tensor:
+        """Image `i` as uint8 (3, R, R): what FID's Inception reads (the MS-COCO reference statistics)."""
+        pixels = center_square_crop(open_rgb(self.items[i].path), self.resolution)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
     def image(self, i: int) -> Tensor:
         """Image `i` as float (3, R, R) in [-1, 1]."""
-        pixels = center_square_crop(open_rgb(self.items[i].path), self.resolution)
-        return to_unit_range(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+        return to_unit_range(self.pixels(i))
 
     def captions(self, i: int) -> list[str]:
         """Every caption of image `i` (a copy: callers may not change the dataset)."""
@@ -247,6 +251,34 @@ class CaptionedImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor | list[str]]:
         return {"x": self.image(i), "captions": self.captions(i)}
+
+
+class CaptionedPixels(Dataset):
+    """The images of a `CaptionedImageDataset` as uint8 (3, R, R) tensors, as `uvit_cog.metrics` reads images."""
+
+    def __init__(self, dataset: CaptionedImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.dataset.pixels(i)
+
+
+def fid_prompts(items: Sequence[CaptionedImage], num: int, seed: int = 0) -> list[tuple[CaptionedImage, int]]:
+    """The prompts of the MS-COCO FID protocol: one caption each of `num` distinct images, as (item, caption index).
+
+    U-ViT's evaluation takes the first `num` images of a shuffled validation loader, each with one of its captions
+    drawn at random; here the order and the draws come from one generator seeded `seed`, so the same call gives the
+    same prompts anywhere.
+    """
+    if not 0 < num <= len(items):
+        raise ValueError(f"num={num}: the protocol takes one caption each of num distinct images, and there are "
+                         f"{len(items)}; give 1 <= num <= {len(items)}")
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(items), generator=generator)[:num].tolist()
+    return [(items[i], int(torch.randint(len(items[i].captions), (1,), generator=generator))) for i in order]
 
 
 def collate_captioned(batch: Sequence[dict[str, Any]]) -> dict[str, Tensor | list[list[str]]]:

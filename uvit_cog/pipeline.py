@@ -93,6 +93,18 @@ def flatten_prompts(prompt: Prompts, name: str = "prompt") -> list[str]:
     raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r:.100}")
 
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one a line (a prompts or captions file); refused naming the file when it is
+    missing or holds none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist: give a text file with one prompt a line")
+    prompts = path.read_text(encoding="utf-8").splitlines()
+    if not prompts:
+        raise ValueError(f"prompts file {path} is empty: give one prompt a line")
+    return prompts
+
+
 class UViTPipelineBase(DiffusionPipeline):
     """What every pipeline of this toolkit shares: the input checks of sampling, the initial noise, the one
     denoising loop with classifier-free guidance, decoding, and saving with diffusers' `pipeline.py` entry point.
@@ -658,4 +670,4 @@ def load_pipeline(path: str | os.PathLike, **kwargs) -> UViTPipeline | UViTText2
 
 
 __all__ = ["OUTPUT_TYPES", "PIPELINES", "UViTPipeline", "UViTPipelineBase", "UViTText2ImagePipeline",
-           "build_pipeline", "flatten_prompts", "load_pipeline", "with_components"]
+           "build_pipeline", "flatten_prompts", "load_pipeline", "read_prompts", "with_components"]

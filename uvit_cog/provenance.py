@@ -48,17 +48,23 @@ def describe_differences(diffs: Mapping[str, tuple[Any, Any]], then: str, now: s
     return "\n".join(f"  {key}: {old!r} ({then}) → {new!r} ({now})" for key, (old, new) in diffs.items())
 
 
-def model_sha256(*modules: nn.Module | None) -> str:
-    """SHA-256 of what a model computes with: each module's config (diffusers models; keys not starting with "_")
-    and its state dict (names, dtypes, shapes, bytes). Equal weights of another attention kind differ by their
-    config; the same weights cast to float16 differ by their bytes, as their images do."""
+def model_sha256(*parts: nn.Module | object | None) -> str:
+    """SHA-256 of what a model computes with: each module's config (diffusers models' and transformers models';
+    keys not starting with "_", no library version) and its state dict (names, dtypes, shapes, bytes), and each
+    tokenizer's vocabulary. Equal weights of another attention kind differ by their config; the same weights cast
+    to float16 differ by their bytes, as their images do; another text encoder or tokenizer is another model."""
     digest = hashlib.sha256()
-    for module in modules:
-        if module is None:
+    for part in parts:
+        if part is None:
             continue
-        config = {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
+        if not isinstance(part, nn.Module):  # a tokenizer: the ids it gives each piece of text
+            digest.update(json.dumps(part.get_vocab(), sort_keys=True).encode())
+            continue
+        config = getattr(part, "config", {})
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
         digest.update(json.dumps(as_json(config), sort_keys=True).encode())
-        for name, tensor in sorted(module.state_dict().items()):
+        for name, tensor in sorted(part.state_dict().items()):
             tensor = tensor.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.view(torch.uint8).numpy().tobytes())

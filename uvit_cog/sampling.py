@@ -20,6 +20,7 @@ numbered images carry no record is neither extended nor scored: a set is one mod
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checks import SEED, check_output_file
+from .clip_score import ClipScorer
 from .images import ImageFiles, png_is_complete
 from .inception import InceptionWeights, resolve_weights
 from .metrics import METRICS, Statistics, check_metric_names, compute_metrics, load_reference, statistics_path
@@ -189,21 +191,25 @@ def remove_partial_writes(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def sample_set_record(pipeline: UViTPipeline, seed: int, num_inference_steps: int, guidance_scale: float,
-                      class_ids: Sequence[int]) -> dict:
-    """What a sample set's images depend on, as JSON: the model (`model_sha256` of the transformer and VAE, and
-    the path it was loaded from, for people) and the settings (seed, steps, guidance, the class ids labels are
-    drawn from, the scheduler's class and config without diffusers' bookkeeping keys). `pipeline` samples with
-    the scheduler of the set (`with_scheduler`). The batch size and the image count are not in it: an image does
-    not depend on them, and a set may grow."""
+def sample_set_record(pipeline: UViTPipelineBase, seed: int, num_inference_steps: int, guidance_scale: float,
+                      class_ids: Sequence[int], prompts: Sequence[str] | None = None) -> dict:
+    """What a sample set's images depend on, as JSON: the model (`model_sha256` of the transformer, the VAE and a
+    text-to-image model's text encoder and tokenizer, and the path it was loaded from, for people) and the
+    settings (seed, steps, guidance, the class ids labels are drawn from or the SHA-256 of the prompt list, the
+    scheduler's class and config without diffusers' bookkeeping keys). `pipeline` samples with the scheduler of
+    the set (`with_scheduler`). The batch size and the image count are not in it: an image does not depend on
+    them, and a set may grow (with the same prompt list)."""
     config = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
+    parts = [pipeline.components.get(name) for name in ("transformer", "vae", "text_encoder", "tokenizer")]
+    settings = {"seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                "class_ids": list(class_ids) or None,
+                "scheduler": {"class": type(pipeline.scheduler).__name__, "config": config}}
+    if prompts is not None:
+        settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     return as_json({
         "format": SET_FORMAT,
-        "model": {"sha256": model_sha256(pipeline.transformer, pipeline.vae),
-                  "source": getattr(pipeline, "name_or_path", None)},
-        "settings": {"seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                     "class_ids": list(class_ids) or None,
-                     "scheduler": {"class": type(pipeline.scheduler).__name__, "config": config}},
+        "model": {"sha256": model_sha256(*parts), "source": getattr(pipeline, "name_or_path", None)},
+        "settings": settings,
     })
 
 
@@ -244,6 +250,27 @@ def check_sample_set(out_dir: Path, record: dict) -> None:
         )
 
 
+def check_sample_conditions(
+    pipeline: UViTPipelineBase, num_samples: int, batch_size: int, num_inference_steps: int, guidance_scale: float,
+    class_labels: Sequence[ClassLabel] | None, prompts: Sequence[str] | None,
+) -> list[int]:
+    """Check a sample set's conditions before any work; returns the class ids labels are drawn from (none for
+    unconditional and text-to-image models)."""
+    if isinstance(pipeline, UViTText2ImagePipeline):
+        if prompts is None or class_labels is not None:
+            raise ValueError("a text-to-image model's sample set needs prompts (one per image), not class labels")
+        if len(prompts) < num_samples or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts: {len(prompts)} given for num_samples={num_samples}; give one string per "
+                             "image (e.g. a captions file with one caption of each of num_samples images)")
+        pipeline.check_inputs(list(prompts[:1]), None, None, None, None, None, num_inference_steps, guidance_scale)
+        return []
+    if prompts is not None:
+        raise ValueError("prompts given for a model that is not text-conditional; give class_labels or none")
+    choices = pipeline.get_label_ids(class_labels) if class_labels is not None else list(range(pipeline.num_classes))
+    pipeline.check_inputs(batch_size, choices[:1] or None, num_inference_steps, guidance_scale)
+    return choices
+
+
 def sample_set_files(out_dir: str | os.PathLike, num_samples: int) -> list[Path]:
     """The PNGs of images 0 .. num_samples-1 of a sample set written with PNGs: what a score of the set reads,
     and nothing else the folder may hold."""
@@ -251,7 +278,7 @@ def sample_set_files(out_dir: str | os.PathLike, num_samples: int) -> list[Path]
 
 
 def generate_samples(
-    pipeline: UViTPipeline,
+    pipeline: UViTPipelineBase,
     out_dir: str | os.PathLike,
     num_samples: int,
     batch_size: int = 64,
@@ -263,6 +290,7 @@ def generate_samples(
     write_png: bool = True,
     write_npz: bool = False,
     accelerator: Accelerator | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> Path:
     """Generate `num_samples` images into `out_dir` as `000000.png`, … and/or `samples.npz`; returns `out_dir`.
 
@@ -271,21 +299,22 @@ def generate_samples(
     adding to a set of another model or other settings is refused before any work (`check_sample_set`). Under
     `accelerate launch` the missing indices are split across processes, each generated exactly once. A
     class-conditional model's labels are drawn uniformly from `class_labels` (default: all classes) with
-    each image's own generator. With `write_png=False` the PNGs are kept in `out_dir/.parts` until the
-    `.npz` (built in memory: N·H·W·3 bytes) is written.
+    each image's own generator. A text-to-image model's image i is prompted by `prompts[i]` (the FID protocol's
+    one caption per image: give at least `num_samples` prompts). With `write_png=False` the PNGs are kept in
+    `out_dir/.parts` until the `.npz` (built in memory: N·H·W·3 bytes) is written.
     """
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if not (write_png or write_npz):
         raise ValueError("nothing to write: set write_png and/or write_npz")
     SEED("seed", seed)
-    choices = pipeline.get_label_ids(class_labels) if class_labels is not None else list(range(pipeline.num_classes))
-    pipeline.check_inputs(batch_size, choices[:1] or None, num_inference_steps, guidance_scale)
+    choices = check_sample_conditions(pipeline, num_samples, batch_size, num_inference_steps, guidance_scale,
+                                      class_labels, prompts)
     pipeline = with_scheduler(pipeline, scheduler)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir={out_dir} is a file: a sample set is a folder; give a folder path")
-    record = sample_set_record(pipeline, seed, num_inference_steps, guidance_scale, choices)
+    record = sample_set_record(pipeline, seed, num_inference_steps, guidance_scale, choices, prompts)
     check_sample_set(out_dir, record)
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -309,8 +338,11 @@ def generate_samples(
         for b in range(0, len(mine), batch_size):
             indices = mine[b : b + batch_size]
             gens = [index_generator(seed, i) for i in indices]
-            labels = [choices[int(torch.randint(len(choices), (1,), generator=g))] for g in gens] if choices else None
-            images = generate_images(pipeline, gens, labels, num_inference_steps, guidance_scale)
+            if prompts is not None:
+                conditions = [prompts[i] for i in indices]
+            else:
+                conditions = [choices[int(torch.randint(len(choices), (1,), generator=g))] for g in gens] or None
+            images = generate_images(pipeline, gens, conditions, num_inference_steps, guidance_scale)
             for i, image in zip(indices, images, strict=True):
                 save_png_atomic(image, png_path(store, i))
             bar.update(len(indices))
@@ -331,7 +363,7 @@ def generate_samples(
 
 
 def sample_and_evaluate(
-    pipeline: UViTPipeline,
+    pipeline: UViTPipelineBase,
     num_samples: int,
     reference: str | os.PathLike | np.ndarray | Dataset | Statistics | None = None,
     *,
@@ -350,10 +382,15 @@ def sample_and_evaluate(
     save_stats: str | os.PathLike | None = None,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    prompts: Sequence[str] | None = None,
+    clip_model: str | os.PathLike | ClipScorer | None = None,
 ) -> dict | None:
     """Generate a sample set of `num_samples` images with `generate_samples`, then score it with
     `uvit_cog.metrics.compute_metrics` against `reference`. Returns the metrics record on the main process
     (None on the others); its `sampler` field holds the sampling settings, `timing_s.generate` the seconds.
+    A text-to-image model samples image i from `prompts[i]`; with `clip_model` (a CLIP model's name or folder)
+    the record also holds the CLIP score of the images against their prompts (`metrics.clip_score`), the
+    prompt-following measure FID lacks.
 
     The reference and the Inception weights are checked before any image is generated. Samples go to
     `samples_dir` (PNGs, kept, and resumed if the folder already holds some of this set) or, when it is None,
@@ -373,6 +410,10 @@ def sample_and_evaluate(
         check_output_file("save_stats", statistics_path(save_stats), (".npz",))
     ref = load_reference(reference) if is_main else None
     weights = weights if isinstance(weights, InceptionWeights) else resolve_weights(weights)
+    if clip_model is not None and prompts is None:
+        raise ValueError("clip_model scores images against their prompts: it needs a text-to-image model's prompts")
+    if clip_model is not None and is_main and not isinstance(clip_model, ClipScorer):
+        clip_model = ClipScorer.from_pretrained(clip_model, str(accelerator.device if accelerator else "auto"))
     device = str(accelerator.device if accelerator else pipeline.device)
     scratch = tempfile.TemporaryDirectory() if samples_dir is None else contextlib.nullcontext(samples_dir)
     delete_samples = delete_samples and samples_dir is not None  # a temporary folder goes anyway
@@ -384,7 +425,7 @@ def sample_and_evaluate(
         start = time.perf_counter()
         generate_samples(pipeline, folder, num_samples, batch_size=batch_size, seed=seed,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         class_labels=class_labels, scheduler=scheduler, accelerator=accelerator)
+                         class_labels=class_labels, scheduler=scheduler, accelerator=accelerator, prompts=prompts)
         seconds = time.perf_counter() - start
         record = None
         if is_main:  # the set's own images 0 .. num_samples-1, nothing else the folder holds
@@ -393,11 +434,16 @@ def sample_and_evaluate(
                                      device=device, seed=seed, kid_subset_size=kid_subset_size,
                                      save_stats=save_stats, progress=progress)
             record["input"].update(spec=str(folder), kind="sample set")
+            if clip_model is not None:
+                clip = clip_model.score(images, list(prompts[:num_samples]), batch_size=inception_batch_size)
+                record["metrics"]["clip_score"] = clip.mean
+                record["clip_model"] = clip_model.model.name_or_path
             record["sampler"] = {
                 "scheduler": scheduler if scheduler is None or isinstance(scheduler, str) else type(scheduler).__name__,
                 "steps": num_inference_steps,
                 "guidance": guidance_scale,
                 "classes": None if class_labels is None else list(class_labels),
+                "prompts": None if prompts is None else len(prompts),
                 "batch_size": batch_size,
                 "num_samples": num_samples,
                 "num_processes": world,
