@@ -64,7 +64,7 @@ from uvit_cog.data import (
     is_captioned,
     read_latent_meta,
 )
-from uvit_cog.pipeline import build_pipeline
+from uvit_cog.pipeline import build_pipeline, read_prompts
 from uvit_cog.rundir import TEXT_ENCODER_DIR, MetricsLog, RunInUseError, RunLock, atomic_write, write_config
 from uvit_cog.sampling import sample_and_evaluate, sample_grid
 from uvit_cog.schedule import default_scheduler
@@ -402,16 +402,20 @@ class PeriodicTasks:
         self.accelerator.wait_for_everyone()
 
     def fid(self, step: int) -> None:
+        """FID of the EMA model (text models: image i from prompt i of fid.prompts_file; with fid.clip_model the
+        CLIP score too, the MS-COCO protocol's periodic FID-10k)."""
         f = self.cfg.fid
+        prompts = read_prompts(f.prompts_file) if f.get("prompts_file") else None
         with self.accelerator.autocast():
             record = sample_and_evaluate(
                 self.parts.pipeline, f.num_images, f.reference, metrics=("fid",), weights=f.weights,
                 scheduler=f.scheduler, num_inference_steps=f.steps, guidance_scale=f.guidance, seed=f.seed,
                 batch_size=f.batch_size, samples_dir=self.run_dir / "fid" / f"step_{step:07d}", delete_samples=True,
-                accelerator=self.accelerator, progress=False)
+                accelerator=self.accelerator, progress=False, prompts=prompts, clip_model=f.get("clip_model"))
         if record is not None:  # the main process
+            clip = {"clip_score": record["metrics"]["clip_score"]} if "clip_score" in record["metrics"] else {}
             self.metrics.log({"step": step, "fid": float(record["metrics"]["frechet_inception_distance"]),
-                              "fid_num_images": f.num_images})
+                              "fid_num_images": f.num_images, **clip})
 
 
 @hydra.main(config_path="conf", config_name="train", version_base=None)

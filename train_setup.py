@@ -164,6 +164,9 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
     _validate_model(cfg)
     _validate_trackers(cfg)
     if cfg.fid.every > 0:
+        if (kind == "text") != bool(cfg.fid.get("prompts_file")):
+            raise ValueError("fid.prompts_file: a text-to-image model's FID samples image i from prompt i of a file "
+                             "(one a line): set it for text models, and only for them (or set fid.every=0)")
         if not cfg.fid.reference:
             raise ValueError("fid.every > 0 needs fid.reference=<statistics .npz, image folder or .npz of the data> "
                              "(or set fid.every=0)")
