@@ -2,10 +2,13 @@
 
     python analyze.py models.uvit=runs/cmp_uvit models.uvic=runs/cmp_uvic images=../shared/data/cifar10.npz
     python analyze.py models.uvit=A models.uvic=B +models.softpick=C +models.softmax1=D images=...
+    python analyze.py models.uvit=T2I_A models.uvic=T2I_B images=... prompts_file=prompts.txt   # text-to-image
 
 Writes `out_dir/analysis.json` (per layer and head), `out_dir/analysis.md` (per-block tables: negative
 weight fraction, negative |w| share, sparsity, row sum, sink mass, token cosine similarity, effective
-rank; "–" where a kind has no such statistic) and `out_dir/maps_<name>.png` (signed attention maps:
+rank; "–" where a kind has no such statistic; and by token group: the share of the image tokens' |w| on the time,
+label or text and image tokens, and on negative weights there — how much negative weight image tokens put on text
+tokens) and `out_dir/maps_<name>.png` (signed attention maps:
 red positive, blue negative). Models of different depths are compared only through an explicit `block_map`
 (`uvit_cog.analysis.table_rows`). Every option and model is checked before any analysis runs (`check_config`).
 """
@@ -27,13 +30,14 @@ from uvit_cog.analysis import (
     render_attention_maps,
     summarise_by_block,
     table_rows,
+    token_groups,
 )
 from uvit_cog.checkpoints import check_model_dir
 from uvit_cog.checks import SEED, Int, IntList, check_fields, check_output_dir
 from uvit_cog.data import ArrayDataset
 from uvit_cog.images import as_nhwc, load_npz_arrays
 from uvit_cog.model import UViTModel
-from uvit_cog.pipeline import UViTPipeline, load_pipeline
+from uvit_cog.pipeline import UViTPipeline, UViTText2ImagePipeline, load_pipeline, read_prompts
 from uvit_cog.schedule import make_objective
 
 CHECKS = {"num_images": Int(1), "timesteps": IntList(Int(0)), "map_timestep": Int(0),
@@ -86,6 +90,10 @@ def check_config(cfg: DictConfig) -> tuple[dict[str, UViTPipeline], np.ndarray, 
         raise ValueError(f"num_images={cfg.num_images}: {cfg.images} holds {len(images)} images; set num_images <= "
                          f"{len(images)}")
     check_output_dir("out_dir", cfg.out_dir)
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file is not None else None
+    if prompts is not None and len(prompts) not in (1, cfg.num_images) and len(prompts) < cfg.num_images:
+        raise ValueError(f"prompts_file={cfg.prompts_file} holds {len(prompts)} prompts for num_images="
+                         f"{cfg.num_images}: give one prompt for all images or one per image")
     pipes = {}
     for name, path in models.items():
         pipe = load_pipeline(check_model_dir(path))
@@ -94,9 +102,13 @@ def check_config(cfg: DictConfig) -> tuple[dict[str, UViTPipeline], np.ndarray, 
             raise ValueError(f"models.{name}={path} is a {type(model).__name__}; attention weights are read from this "
                              "toolkit's own attention layers, which only UViTModel has (diffusers' attention "
                              "processors, DiT's included, compute attention without exposing its weights)")
-        if images.shape[-1] != model.config.in_channels:
+        channels = 3 if pipe.vae is not None else model.config.in_channels  # latent models: RGB into their VAE
+        if images.shape[-1] != channels:
             raise ValueError(f"images={cfg.images}: {images.shape[-1]} channel(s), but models.{name} takes "
-                             f"{model.config.in_channels}; give images the models were trained on")
+                             f"{channels}; give images the models were trained on")
+        if isinstance(pipe, UViTText2ImagePipeline) and prompts is None:
+            raise ValueError(f"models.{name}={path} is text-to-image: give prompts_file=FILE (one prompt a line: "
+                             "prompt i for image i, or one prompt for all)")
         timesteps = pipe.scheduler.config.num_train_timesteps
         IntList(Int(0, timesteps - 1))("timesteps", list(cfg.timesteps))
         Int(0, timesteps - 1)("map_timestep", cfg.map_timestep)
@@ -111,6 +123,26 @@ def check_config(cfg: DictConfig) -> tuple[dict[str, UViTPipeline], np.ndarray, 
     return pipes, images, labels, rows
 
 
+@torch.no_grad()
+def model_inputs(pipe: UViTPipeline | UViTText2ImagePipeline, images: np.ndarray, labels: np.ndarray | None,
+                 cfg: DictConfig) -> tuple[torch.Tensor, dict]:
+    """A model's inputs for the analysis: the images as x0 (latent models: the mean of their VAE encoding at the
+    model's scale) and the condition: their labels (class-conditional models), the features of prompt i of
+    `prompts_file` for image i (text-to-image), or none."""
+    model, vae = pipe.transformer, pipe.vae
+    data = ArrayDataset(images, labels, model.config.sample_size * pipe.vae_scale_factor, name=str(cfg.images))
+    x0 = torch.stack([data[i]["x"] for i in range(len(data))])
+    if vae is not None:
+        x0 = vae.float().encode(x0).latent_dist.mean * vae.config.scaling_factor
+    if isinstance(pipe, UViTText2ImagePipeline):
+        prompts = read_prompts(cfg.prompts_file)
+        prompts = prompts * len(x0) if len(prompts) == 1 else prompts[: len(x0)]
+        return x0, {"encoder_hidden_states": pipe.encode_prompt(prompts, torch.device("cpu"), 1, False)[0].float()}
+    if model.config.num_classes > 0 and labels is not None:
+        return x0, {"class_labels": data.labels}
+    return x0, {}
+
+
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
@@ -123,20 +155,24 @@ def main(cfg: DictConfig) -> None:
     stats_by_model: dict[str, dict[str, list[dict]]] = {}
     for name, pipe in pipes.items():
         model = pipe.transformer.float()
-        data = ArrayDataset(images[: cfg.num_images], None if labels is None else labels[: cfg.num_images],
-                            model.config.sample_size, name=str(cfg.images))
-        x0 = torch.stack([data[i]["x"] for i in range(len(data))])
-        y = data.labels if model.config.num_classes > 0 and labels is not None else None
+        x0, condition = model_inputs(pipe, images[: cfg.num_images],
+                                     None if labels is None else labels[: cfg.num_images], cfg)
         schedule = make_objective(pipe.scheduler.config)  # DDPM or flow matching: the model's own noising
-        attn = attention_statistics(model, x0, list(cfg.timesteps), schedule, y, cfg.seed)
-        probe = collapse_probe(model, x0, list(cfg.timesteps), schedule, y, cfg.seed)
+        attn = attention_statistics(model, x0, list(cfg.timesteps), schedule, condition, cfg.seed)
+        probe = collapse_probe(model, x0, list(cfg.timesteps), schedule, condition, cfg.seed)
         render_attention_maps(model, x0, cfg.map_timestep, schedule, out / f"maps_{name}.png",
-                              cfg.query_tokens, cfg.map_blocks, y, cfg.seed)
+                              cfg.query_tokens, cfg.map_blocks, condition, cfg.seed)
         results[name] = dict(path=str(cfg.models[name]), attention=attn, collapse=probe)
         stats_by_model[name] = {key: summarise_by_block(attn, key) for key in WEIGHT_TITLES}
         stats_by_model[name] |= {key: summarise_by_block(probe, key) for key in PROBE_TITLES}
     (out / "analysis.json").write_text(json.dumps(results, indent=1))
-    for key, title in (WEIGHT_TITLES | PROBE_TITLES).items():
+    shared_groups = set.intersection(*(set(token_groups(p.transformer)) for p in pipes.values()))
+    group_titles = {f"image->{g} {what}": f"Share of the image tokens' |w| {where} the {g} token(s)"
+                    for g in token_groups(next(iter(pipes.values())).transformer) if g in shared_groups
+                    for what, where in (("mass", "on"), ("negative mass", "on negative weights of"))}
+    for name, attn in ((n, r["attention"]) for n, r in results.items()):
+        stats_by_model[name] |= {key: summarise_by_block(attn, key) for key in group_titles}
+    for key, title in (WEIGHT_TITLES | PROBE_TITLES | group_titles).items():
         report += [f"## {title}", "", f"Averaged over heads, {cfg.num_images} images and timesteps "
                    f"{list(cfg.timesteps)}.", "",
                    markdown_table({n: s[key] for n, s in stats_by_model.items()}, key, rows), ""]

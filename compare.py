@@ -5,6 +5,7 @@ data order and budget, compared against a baseline seed by seed, in one report.
     python compare.py compare=cpu kinds=[softmax,cog,sigmoid,softpick] reference=...         # N attention kinds
     python compare.py compare=cpu objectives=[ddpm,flow_matching] reference=...              # both objectives
     python compare.py compare=gpu reference=fid_stats_cifar10_train.npz launcher="accelerate launch --multi_gpu"
+    python compare.py compare=t2i_cpu                        # text-to-image: captioned digits, validation loss only
 
 Each (variant, seed) is one `train.py` run in `out_dir/<variant>_seed<seed>`; the first variant is the baseline.
 A seed fixes the initial weights (an attention kind adds or changes no shared parameter), the data order and
@@ -74,8 +75,10 @@ def train_run(cfg: DictConfig, name: str, overrides: list[str], seed: int) -> Pa
         print(f"[compare] {run_dir} is finished; keeping it")
         return run_dir
     base = [] if any(o.startswith("experiment=") for o in overrides) else [f"experiment={cfg.compare.experiment}"]
-    args = [*base, *overrides, f"seed={seed}", f"run_dir={run_dir}", f"name={name}_seed{seed}",
-            f"fid.reference={cfg.reference}", *cfg.compare.overrides]
+    # Without a reference no FID is measured: the verdict is the validation loss (`check_config`).
+    fid = [f"fid.reference={cfg.reference}"] if cfg.reference else ["fid.every=0"]
+    args = [*base, *overrides, f"seed={seed}", f"run_dir={run_dir}", f"name={name}_seed{seed}", *fid,
+            *cfg.compare.overrides]
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable]
     command = [*launcher, "train.py", *args]
     print("[compare] " + " ".join(command), flush=True)
@@ -269,10 +272,11 @@ def check_config(cfg: DictConfig) -> dict[str, list[str]]:
     specs = variants(cfg)
     if len(specs) < 2:
         raise ValueError(f"{len(specs)} variant(s) ({list(specs)}); give at least two, e.g. kinds=[softmax,cog]")
-    if not cfg.reference:
-        raise ValueError("reference is not set: give FID statistics (.npz with mu, sigma, e.g. from `python "
-                         "eval/score.py`), an .npz of images or an image folder")
-    check_reference(cfg.reference)
+    if cfg.reference:
+        check_reference(cfg.reference)
+    elif cfg.verdict == "fid":
+        raise ValueError("verdict=fid needs reference=<FID statistics (.npz with mu, sigma, e.g. from `python "
+                         "eval/score.py`), an .npz of images or an image folder>; or verdict=val")
     check_output_dir("out_dir", cfg.out_dir)
     return specs
 

@@ -13,6 +13,7 @@ from uvit_cog.analysis import (
     noisy_inputs,
     render_attention_maps,
     summarise_by_block,
+    token_groups,
 )
 from uvit_cog.schedule import flow_scheduler_config, make_objective, scheduler_config
 
@@ -123,3 +124,53 @@ def test_noisy_inputs_follow_the_models_objective():
     ddpm = DDPMScheduler.from_config(scheduler_config())
     expected = ddpm.add_noise(x0, noise, torch.full((2,), 250, dtype=torch.long))
     torch.testing.assert_close(noisy_inputs(x0, 250, make_objective(scheduler_config()), seed=3), expected)
+
+
+def test_token_groups_follow_each_condition():
+    none, _, _ = _setup()
+    assert token_groups(none) == {"time": slice(0, 1), "image": slice(1, None)}
+    labelled, _, _ = _setup(num_classes=3)
+    assert token_groups(labelled) == {"label": slice(0, 1), "time": slice(1, 2), "image": slice(2, None)}
+    text, _, _ = _setup(text_dim=6, num_text_tokens=5)
+    assert token_groups(text) == {"time": slice(0, 1), "text": slice(1, 6), "image": slice(6, None)}
+
+
+def test_group_statistics_split_the_image_rows_mass_by_token_group():
+    model, x0, sched = _setup(text_dim=6, num_text_tokens=5, attention_type="cog")
+    condition = {"encoder_hidden_states": torch.randn(3, 5, 6)}
+    rows = attention_statistics(model, x0, [300], sched, condition)
+    for row in rows:
+        total = sum(row[f"image->{g} mass"] for g in ("time", "text", "image"))
+        assert abs(total - 1.0) < 1e-5  # the groups cover every key
+        if row["attention_type"] == "softmax":
+            assert row["image->text negative mass"] == 0.0
+    cog_rows = [r for r in rows if r["attention_type"] == "cog"]
+    assert any(r["image->text negative mass"] > 0 for r in cog_rows)  # Cog can push text tokens away
+
+
+def test_analyze_py_splits_text_models_by_token_group(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from conftest import tiny_t2i_pipeline
+
+    for name, kind in (("uvit", "softmax"), ("uvic", "cog")):
+        pipe = tiny_t2i_pipeline(attention_type=kind)
+        with torch.no_grad():
+            for b in pipe.transformer.blocks:
+                b.attn.qkv.weight.mul_(20)
+        pipe.save_pretrained(tmp_path / name)
+    np.savez(tmp_path / "imgs.npz", x_test=np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "prompts.txt").write_text("a red bus\ntwo cats\n")
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "analyze.py"), f"models.uvit={tmp_path / 'uvit'}",
+            f"models.uvic={tmp_path / 'uvic'}", f"images={tmp_path / 'imgs.npz'}", "num_images=2", "timesteps=[200]",
+            "map_timestep=200", f"out_dir={tmp_path / 'out'}"]
+    refused = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert refused.returncode != 0 and "give prompts_file" in refused.stderr + refused.stdout
+    subprocess.run([*args, f"prompts_file={tmp_path / 'prompts.txt'}"], check=True, capture_output=True, cwd=root)
+    report = (tmp_path / "out" / "analysis.md").read_text()
+    table = report.split("## Share of the image tokens' |w| on negative weights of the text token(s)")[1].split("##")[0]
+    assert "| block | uvit | uvic |" in table and "0.000 (softmax)" in table and "(cog)" in table

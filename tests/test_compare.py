@@ -97,3 +97,17 @@ def test_variants_are_compared_within_their_objective():
     specs = compare.variants(compare_config("kinds=[softmax,cog]", "objectives=[ddpm,flow_matching]"))
     assert compare.baselines(specs) == {"softmax+flow_matching": "softmax+ddpm", "cog+ddpm": "softmax+ddpm",
                                         "cog+flow_matching": "softmax+flow_matching"}
+
+
+def test_text_to_image_comparison_without_fid_is_judged_by_the_validation_loss(tmp_path):
+    out = tmp_path / "cmp"
+    subprocess.run([sys.executable, "compare.py", "compare=t2i_micro", f"out_dir={out}"], check=True, cwd=ROOT,
+                   capture_output=True)
+    results = json.loads((out / "report.json").read_text())
+    for model in ("softmax", "cog"):
+        run = results["runs"][model]["0"]
+        assert run["fid"] == [] and [s for s, _ in run["val_eps_mse"]] == [2, 4]
+    assert "**Verdict** (the held-out validation" in (out / "report.md").read_text()
+    refused = subprocess.run([sys.executable, "compare.py", "compare=t2i_micro", "verdict=fid",
+                              f"out_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "verdict=fid needs reference" in refused.stderr + refused.stdout

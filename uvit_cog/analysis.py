@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .attention import ATTENTION_KINDS, capture_attention
-from .model import UViTModel
+from .conditioning import Condition
+from .model import CONDITION_TOKENS, UViTModel
 from .schedule import Objective
 
 
@@ -29,6 +30,37 @@ def noisy_inputs(x0: Tensor, timestep: int, objective: Objective, seed: int = 0)
 
 
 SPARSE_BELOW = 0.01  # a weight counts as sparse below 1% of a uniform row's weight 1/M
+
+
+def token_groups(model: UViTModel) -> dict[str, slice]:
+    """The token groups of a U-ViT's sequence: "time", the condition's ("label" or "text") and "image" (the
+    patches), in the model's own order (`uvit_cog.model.CONDITION_TOKENS`)."""
+    groups, start = [("time", 1)], 0
+    if model.condition is not None:
+        group = {"class": "label", "text": "text"}[model.condition]
+        entry = (group, model.extras - 1)
+        groups.insert(0 if CONDITION_TOKENS[model.condition].before_time else 1, entry)
+    out = {}
+    for name, size in groups:
+        out[name] = slice(start, start + size)
+        start += size
+    out["image"] = slice(start, None)
+    return out
+
+
+def group_statistics(w: Tensor, groups: dict[str, slice]) -> dict[str, Tensor]:
+    """Per head, for the image tokens' rows of (B, H, N, N) weights: the share of each row's |w| that falls on each
+    token group ("image->text mass") and the share on negative weights there ("image->text negative mass"),
+    averaged over batch and rows. How much negative weight image tokens put on text tokens is the paper's question
+    asked of text-to-image."""
+    rows = w[:, :, groups["image"]]
+    total = rows.abs().sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+    out = {}
+    for name, keys in groups.items():
+        part = rows[..., keys]
+        out[f"image->{name} mass"] = (part.abs().sum(-1) / total).mean(dim=(0, 2))
+        out[f"image->{name} negative mass"] = (part.clamp(max=0).abs().sum(-1) / total).mean(dim=(0, 2))
+    return out
 
 
 def weight_statistics(w: Tensor, attention_type: str) -> dict[str, Tensor]:
@@ -59,23 +91,24 @@ def attention_statistics(
     x0: Tensor,
     timesteps: Sequence[int],
     objective: Objective,
-    class_labels: Tensor | None = None,
+    condition: Condition | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """Per timestep, block and head: `weight_statistics` of the layer's weights, one dict per row.
+    """Per timestep, block and head: `weight_statistics` of the layer's weights and `group_statistics` of its
+    image tokens' rows, one dict per row. `condition` holds the model's condition fields for x0's images.
 
     For `diff` layers the heads are the differential heads (num_heads / 2) and w = w₁ − λw₂.
     """
     model.eval()
-    rows = []
+    rows, groups = [], token_groups(model)
     for t in timesteps:
         xt = noisy_inputs(x0, t, objective, seed).to(model.device, model.dtype)
         with capture_attention(model) as cap:
-            model(xt, t, class_labels)
+            model(xt, t, **(condition or {}))
         for index, block in enumerate(model.blocks):
             name = next(n for n, m in model.named_modules() if m is block.attn)
             w = cap.maps[name][0]  # (B, H, N, N)
-            stats = weight_statistics(w, cap.types[name])
+            stats = weight_statistics(w, cap.types[name]) | group_statistics(w, groups)
             for head in range(w.shape[1]):
                 values = {key: None if v is None else float(v[head]) for key, v in stats.items()}
                 rows.append(dict(timestep=int(t), block=index, layer=name, attention_type=cap.types[name],
@@ -105,7 +138,7 @@ def collapse_probe(
     x0: Tensor,
     timesteps: Sequence[int],
     objective: Objective,
-    class_labels: Tensor | None = None,
+    condition: Condition | None = None,
     seed: int = 0,
 ) -> list[dict]:
     """After each block: mean pairwise cosine similarity of the tokens and their effective rank.
@@ -120,7 +153,7 @@ def collapse_probe(
         for t in timesteps:
             outputs.clear()
             xt = noisy_inputs(x0, t, objective, seed).to(model.device, model.dtype)
-            model(xt, t, class_labels)
+            model(xt, t, **(condition or {}))
             for index, tokens in enumerate(outputs):
                 rows.append(
                     dict(
@@ -146,7 +179,7 @@ def render_attention_maps(
     path: str | Path,
     query_tokens: Sequence[int] | None = None,
     blocks: Sequence[int] | None = None,
-    class_labels: Tensor | None = None,
+    condition: Condition | None = None,
     seed: int = 0,
 ) -> Path:
     """Save a PNG of signed attention maps of the first image: rows = (block, head), columns = query patches.
@@ -170,9 +203,9 @@ def render_attention_maps(
         raise ValueError(f"query_tokens are patch indices in [0, {side * side}), got {list(query_tokens)}")
     blocks = list(range(len(model.blocks))) if blocks is None else list(blocks)
     xt = noisy_inputs(x0[:1], timestep, objective, seed).to(model.device, model.dtype)
-    labels = None if class_labels is None else class_labels[:1]
+    first = {name: value[:1] for name, value in (condition or {}).items()}
     with capture_attention(model) as cap:
-        model(xt, timestep, labels)
+        model(xt, timestep, **first)
     names = {id(m): n for n, m in model.named_modules()}
     maps = {b: cap.maps[names[id(model.blocks[b].attn)]][0][0] for b in blocks}  # (heads, N, N); diff: H/2 heads
     panels = [(b, h) for b in blocks for h in range(maps[b].shape[0])]
