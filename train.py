@@ -104,8 +104,11 @@ def text_encoder_for(cfg: DictConfig, run_dir: Path) -> tuple[torch.nn.Module, o
     if name != "random":
         return load_text_encoder(name)
     saved = run_dir / TEXT_ENCODER_DIR
-    if not (saved / "text_encoder").is_dir():
-        encoder, tokenizer = build_random_text_encoder(cfg.model.text_dim, cfg.model.num_text_tokens, seed=0)
+    if not (saved / "text_encoder").is_dir():  # the words of captions written from labels: one token each
+        phrases = [t.format(n) for t in cfg.data.get("caption_templates") or [] for names in
+                   cfg.data.get("caption_names") or [] for n in names]
+        encoder, tokenizer = build_random_text_encoder(cfg.model.text_dim, cfg.model.num_text_tokens, seed=0,
+                                                       words=[w for p in phrases for w in p.split()])
         encoder.save_pretrained(saved / "text_encoder")
         tokenizer.save_pretrained(saved / "tokenizer")
     return load_text_encoder(saved, subfolder="text_encoder")

@@ -110,21 +110,33 @@ def encode_prompts(text_encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return torch.cat([text_encoder(input_ids=chunk.to(device)).last_hidden_state for chunk in ids.split(batch_size)])
 
 
-def byte_level_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer without merges: each byte of a prompt is a token (514 ids with <|startoftext|> and
-    <|endoftext|>). It lowercases, splits and pads as CLIP's own does; only its vocabulary is small, so it needs no
-    download. Made for `build_random_text_encoder` and for tests."""
+def byte_level_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """A CLIP tokenizer with a small vocabulary made here (nothing to download): every byte of a prompt is a token,
+    and each of `words` (ASCII letters and digits) one token of its own through BPE merges, as a trained vocabulary
+    would make a frequent word. It lowercases, splits and pads as CLIP's own does. Made for
+    `build_random_text_encoder` and for tests."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = iter(range(256, 512))
     alphabet = [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]  # GPT-2's bytes_to_unicode
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words if w.isascii() and w.isalnum() and len(w) > 1):
+        pieces = [*word[:-1], word[-1] + "</w>"]  # left to right: w, wo, wor, word</w>
+        for piece in pieces[1:]:
+            merge = (pieces[0], piece)
+            if merge not in merges:
+                merges.append(merge)
+            pieces[0] += piece
+            if pieces[0] not in tokens:
+                tokens.append(pieces[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
 
 
 def random_text_encoder_config(width: int, max_length: int, num_layers: int = 2, num_heads: int = 2,
-                               ) -> CLIPTextConfig:
-    """The config of a small CLIP text model over `byte_level_clip_tokenizer`'s vocabulary."""
-    tokenizer = byte_level_clip_tokenizer()
+                               tokenizer: CLIPTokenizer | None = None) -> CLIPTextConfig:
+    """The config of a small CLIP text model over `tokenizer`'s vocabulary (default `byte_level_clip_tokenizer()`)."""
+    tokenizer = tokenizer or byte_level_clip_tokenizer()
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
@@ -132,21 +144,23 @@ def random_text_encoder_config(width: int, max_length: int, num_layers: int = 2,
 
 
 def build_random_text_encoder(width: int, max_length: int, seed: int = 0, num_layers: int = 2, num_heads: int = 2,
-                              ) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """A randomly initialised, frozen CLIP text model (seeded) with `byte_level_clip_tokenizer`.
+                              words: Sequence[str] = ()) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A randomly initialised, frozen CLIP text model (seeded) with `byte_level_clip_tokenizer(words)`: give the
+    words of the training captions, so that each is one token and prompts stay short.
 
     Where no pretrained encoder can be had (offline machines, the CPU quick start), a frozen random transformer
     still maps each prompt to its own features, which a diffusion model can learn to follow for prompts like the
     ones it was trained on; it knows no language, so it does not generalise to new words as CLIP does. Save it
     with `save_pretrained` and load it back with `load_text_encoder`, like any encoder.
     """
+    tokenizer = byte_level_clip_tokenizer(words)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = CLIPTextModel(random_text_encoder_config(width, max_length, num_layers, num_heads))
+        model = CLIPTextModel(random_text_encoder_config(width, max_length, num_layers, num_heads, tokenizer))
     finally:
         torch.random.set_rng_state(generator_state)
-    return model.eval().requires_grad_(False), byte_level_clip_tokenizer()
+    return model.eval().requires_grad_(False), tokenizer
 
 
 __all__ = ["CLIP_L14", "TEXT_ENCODER_CLASSES", "build_random_text_encoder", "byte_level_clip_tokenizer",
