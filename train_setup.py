@@ -153,7 +153,8 @@ def validate_config(cfg: DictConfig, num_processes: int) -> None:
             raise ValueError(f"{group}.guidance={cfg[group].guidance} must be 1.0 for an unconditional model "
                              "(classifier-free guidance needs class labels or text)")
         try:
-            check_scheduler(cfg[group].scheduler, cfg.diffusion.objective)
+            prediction = diffusion_setup(cfg)[0].get("prediction_type")
+            check_scheduler(cfg[group].scheduler, cfg.diffusion.objective, prediction)
         except ValueError as e:
             raise ValueError(f"{group}.scheduler={cfg[group].scheduler!r}: {e}") from e
     _validate_val(cfg)

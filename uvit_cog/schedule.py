@@ -188,10 +188,20 @@ def scheduler_family(config: Mapping) -> str:
     return "flow_matching" if flow_class or config.get("prediction_type") == FLOW_PREDICTION else "ddpm"
 
 
-def check_scheduler(name: str, family: str) -> None:
-    """Raise unless `name` is a sampler of models of `family`; the message names both and the right choices."""
+# DDPM samplers that diffusers refuses for a prediction type (loudly, at their first step): refused here before work.
+UNSUPPORTED_PREDICTIONS: dict[str, tuple[str, ...]] = {"euler_a": ("sample",), "kdpm2": ("sample",),
+                                                       "pndm": ("sample",)}
+
+
+def check_scheduler(name: str, family: str, prediction_type: str | None = None) -> None:
+    """Raise unless `name` is a sampler of models of `family` (and of `prediction_type`, if given); the message
+    names both and the right choices."""
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
+    if prediction_type in UNSUPPORTED_PREDICTIONS.get(name, ()):
+        usable = sorted(n for n in SCHEDULERS if prediction_type not in UNSUPPORTED_PREDICTIONS.get(n, ()))
+        raise ValueError(f"scheduler {name!r} cannot sample a model that predicts {prediction_type!r} (diffusers "
+                         f"implements no such step): choose one of {usable}")
     if name not in SCHEDULER_FAMILIES[family]:
         other = next(f for f in OBJECTIVES if f != family)
         raise ValueError(
@@ -204,7 +214,7 @@ def make_scheduler(name: str, config: Mapping) -> SchedulerMixin:
     of any scheduler built from it), in the model's family: a flow model's config is rebuilt with
     `flow_scheduler_config` from its timesteps and shift, so every flow scheduler gets its flow mode."""
     family = scheduler_family(config)
-    check_scheduler(name, family)
+    check_scheduler(name, family, config.get("prediction_type") if family == "ddpm" else None)
     cls = SCHEDULER_FAMILIES[family][name]
     if family == "ddpm":
         return cls.from_config(dict(config))
