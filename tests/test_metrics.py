@@ -277,7 +277,7 @@ def test_sample_and_evaluate_samples_then_measures(tmp_path, weights, stats, run
     record = sample_and_evaluate(pipe, 5, reference, samples_dir=tmp_path / "kept", **settings)
     assert record["input"]["num_images"] == 5 and len(list((tmp_path / "kept").glob("*.png"))) == 5
     assert record["sampler"] == {"scheduler": "ddim", "steps": 2, "guidance": 1.5, "classes": ["cat", 2],
-                                 "batch_size": 3, "num_samples": 5, "num_processes": 1}  # fmt: skip
+                                 "prompts": None, "batch_size": 3, "num_samples": 5, "num_processes": 1}  # fmt: skip
     assert record["seed"] == 3 and record["timing_s"]["generate"] > 0 and 0 < record["metrics"][FID] < np.inf
 
     # Scratch samples: a stale image of another model in the folder is not reused, and the folder goes.

@@ -266,7 +266,7 @@ def test_tiny_flow_model_overfits_one_batch_and_samples():
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for step in range(300):
-        loss = diffusion_loss(model, objective, batch, None, GlobalBatchRandom(0, step, 0, 32, 32, torch.device("cpu")))
+        loss = diffusion_loss(model, objective, batch, {}, GlobalBatchRandom(0, step, 0, 32, 32, torch.device("cpu")))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

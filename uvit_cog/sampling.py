@@ -340,8 +340,10 @@ def generate_samples(
             gens = [index_generator(seed, i) for i in indices]
             if prompts is not None:
                 conditions = [prompts[i] for i in indices]
+            elif choices:  # a class label drawn by each image's generator, before its noise
+                conditions = [choices[int(torch.randint(len(choices), (1,), generator=g))] for g in gens]
             else:
-                conditions = [choices[int(torch.randint(len(choices), (1,), generator=g))] for g in gens] or None
+                conditions = None
             images = generate_images(pipeline, gens, conditions, num_inference_steps, guidance_scale)
             for i, image in zip(indices, images, strict=True):
                 save_png_atomic(image, png_path(store, i))
