@@ -37,8 +37,8 @@ from uvit_cog.checks import SEED, Int, IntList, check_fields, check_output_dir
 from uvit_cog.data import ArrayDataset
 from uvit_cog.images import as_nhwc, load_npz_arrays
 from uvit_cog.model import UViTModel
+from uvit_cog.objectives import make_objective
 from uvit_cog.pipeline import UViTPipeline, UViTText2ImagePipeline, load_pipeline, read_prompts
-from uvit_cog.schedule import make_objective
 
 CHECKS = {"num_images": Int(1), "timesteps": IntList(Int(0)), "map_timestep": Int(0),
           "query_tokens": IntList(Int(0), optional=True), "map_blocks": IntList(Int(0), optional=True, distinct=True),

@@ -33,16 +33,10 @@ from uvit_cog.checkpoints import PROVENANCE_FORMAT, TRAIN_STATE, list_checkpoint
 from uvit_cog.checks import SEED, Bool, Check, Choice, Float, Int, check_fields, fail
 from uvit_cog.data import DATA_KINDS, VAL_SPLITS
 from uvit_cog.metrics import check_reference
+from uvit_cog.objectives import Objective, make_objective
 from uvit_cog.provenance import describe_differences, differences, flatten
 from uvit_cog.rundir import checkpoint_step, read_config
-from uvit_cog.schedule import (
-    NOISE_SCHEDULES,
-    Objective,
-    check_scheduler,
-    make_objective,
-    scheduler_config,
-    scheduler_family,
-)
+from uvit_cog.schedule import NOISE_SCHEDULES, check_scheduler, scheduler_config, scheduler_family
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 NONFINITE = ("skip", "stop")

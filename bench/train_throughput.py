@@ -21,7 +21,8 @@ from contextlib import nullcontext
 import torch
 
 from uvit_cog import UViTModel
-from uvit_cog.schedule import make_objective, scheduler_config
+from uvit_cog.objectives import make_objective
+from uvit_cog.schedule import scheduler_config
 from uvit_cog.training import GlobalBatchRandom, diffusion_loss, update_ema
 
 CPU_MODEL = dict(sample_size=32, patch_size=2, in_channels=3, embed_dim=192, depth=6, num_heads=3)

@@ -15,7 +15,8 @@ from uvit_cog.analysis import (
     summarise_by_block,
     token_groups,
 )
-from uvit_cog.schedule import flow_scheduler_config, make_objective, scheduler_config
+from uvit_cog.objectives import make_objective
+from uvit_cog.schedule import flow_scheduler_config, scheduler_config
 
 
 def _setup(**kwargs):

@@ -32,7 +32,6 @@ from uvit_cog import load_model, load_pipeline, set_attention
 from uvit_cog.backbones import backbone_arguments, build_backbone, condition_kind, num_classes
 from uvit_cog.checkpoints import list_checkpoints
 from uvit_cog.dit import DIT_PRESETS, DiTModel, SharedEmbedder, build_dit
-from uvit_cog.model import num_parameters
 from uvit_cog.pipeline import UViTPipeline
 from uvit_cog.rundir import read_metrics
 from uvit_cog.schedule import make_scheduler, scheduler_config
@@ -58,6 +57,10 @@ def dit_overrides(npz: Path, run_dir: Path, model: str = "dit_s2", *extra: str) 
 def kinds(model: torch.nn.Module) -> list[str]:
     """The attention kind of each DiT block: the routed processor's, or softmax for diffusers' own."""
     return [getattr(b.attn1.processor, "_uvit_cog_kind", "softmax") for b in model.transformer_blocks]
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def tiny_dit(num_classes: int = 3, seed: int = 0, **overrides) -> DiTModel:

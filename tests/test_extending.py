@@ -19,8 +19,9 @@ from uvit_cog import UViTPipeline, load_pipeline
 from uvit_cog.backbones import BACKBONES, Backbone, backbone_arguments, build_backbone, condition_kind, with_defaults
 from uvit_cog.conditioning import null_class_condition
 from uvit_cog.model import UViTModelOutput, timestep_embedding
+from uvit_cog.objectives import make_objective
 from uvit_cog.pipeline import build_pipeline
-from uvit_cog.schedule import default_scheduler, make_objective, scheduler_config
+from uvit_cog.schedule import default_scheduler, scheduler_config
 from uvit_cog.training import GlobalBatchRandom, diffusion_loss, prepare_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -43,7 +43,8 @@ from uvit_cog.metrics import (
     metrics_from_features,
     save_statistics,
 )
-from uvit_cog.sampling import SET_RECORD, generate_samples, sample_and_evaluate
+from uvit_cog.sample_sets import SET_RECORD
+from uvit_cog.sampling import generate_samples, sample_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"

@@ -17,7 +17,8 @@ from train_setup import DEFINES_TRAINING, MAY_CHANGE_ON_RESUME, covered
 from uvit_cog import sampling
 from uvit_cog.checkpoints import PROVENANCE, list_checkpoints, read_provenance, verify_checkpoint, write_manifest
 from uvit_cog.provenance import flatten
-from uvit_cog.sampling import SET_RECORD, generate_samples
+from uvit_cog.sample_sets import SET_RECORD
+from uvit_cog.sampling import generate_samples
 
 OLD_RUN = ROOT / "tests" / "fixtures" / "old_format_run"
 DIGITS = ["data.resolution=8", *TINY, "log.sample_every=0", "val.every=0"]  # the quick start, tiny

@@ -17,9 +17,8 @@ from hydra import compose, initialize
 from PIL import Image
 
 from uvit_cog import load_pipeline, sampling
+from uvit_cog.sample_sets import NPZ_NAME, SET_RECORD
 from uvit_cog.sampling import (
-    NPZ_NAME,
-    SET_RECORD,
     generate_samples,
     grid_classes,
     index_generator,

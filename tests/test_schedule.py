@@ -17,13 +17,12 @@ from hydra import compose, initialize
 from uvit_cog import UViTModel, UViTPipeline
 from uvit_cog.checkpoints import export_pipeline
 from uvit_cog.model import UViTModelOutput
+from uvit_cog.objectives import FlowMatchingObjective, make_objective
 from uvit_cog.sampling import sample_grid
 from uvit_cog.schedule import (
     FLOW_SCHEDULERS,
     SCHEDULERS,
-    FlowMatchingObjective,
     default_scheduler,
-    make_objective,
     make_scheduler,
     scheduler_config,
     scheduler_family,

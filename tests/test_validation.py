@@ -10,8 +10,9 @@ from conftest import TINY, assert_same_weights, final_ema, tiny_model, train_con
 
 from uvit_cog.checkpoints import PROVENANCE, list_checkpoints, write_manifest
 from uvit_cog.data import build_dataset, build_validation_dataset, holdout_split
+from uvit_cog.objectives import make_objective
 from uvit_cog.rundir import read_metrics
-from uvit_cog.schedule import make_objective, scheduler_config
+from uvit_cog.schedule import scheduler_config
 from uvit_cog.training import validation_images, validation_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -18,7 +18,7 @@ from torch import Tensor
 from .attention import ATTENTION_KINDS, capture_attention
 from .conditioning import Condition
 from .model import CONDITION_TOKENS, UViTModel
-from .schedule import Objective
+from .objectives import Objective
 
 
 def noisy_inputs(x0: Tensor, timestep: int, objective: Objective, seed: int = 0) -> Tensor:

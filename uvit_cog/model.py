@@ -29,6 +29,8 @@ from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from .attention import Attention, get_attention_kind, make_attention, select_layers
+from .conditioning import FIELDS
+from .official_configs import official_kwargs
 
 # U-ViT's published sizes (Bao et al. 2022, Table 1). Dataset-specific arguments (sample_size,
 # patch_size, in_channels, num_classes, final_conv) are given as overrides or by the configs.
@@ -128,8 +130,8 @@ class ConditionTokens:
 
 # Condition kind (`uvit_cog.conditioning`) -> its tokens. A new kind adds a row here and its embedder in __init__.
 CONDITION_TOKENS: dict[str, ConditionTokens] = {
-    "class": ConditionTokens("class_labels", "label_emb", before_time=True),
-    "text": ConditionTokens("encoder_hidden_states", "context_embed", before_time=False),
+    "class": ConditionTokens(FIELDS["class"], "label_emb", before_time=True),
+    "text": ConditionTokens(FIELDS["text"], "context_embed", before_time=False),
 }
 
 
@@ -410,43 +412,6 @@ class UViTModel(ModelMixin, ConfigMixin):
         return blk(x, skip)
 
 
-# The official constructor's argument names -> this model's. Any of them (or CogAttn's `np`) marks official kwargs.
-OFFICIAL_NAMES = {"img_size": "sample_size", "in_chans": "in_channels", "conv": "final_conv", "clip_dim": "text_dim",
-                  "num_clip_token": "num_text_tokens"}
-# Official arguments with no counterpart here: they change nothing the weights or the outputs depend on.
-OFFICIAL_IGNORED = ("qk_scale", "use_checkpoint", "skip", "norm_layer", "name")
-
-
-def official_kwargs(config: Mapping) -> dict:
-    """`UViTModel` arguments of an official U-ViT / U-ViC constructor config (or of this model's own arguments).
-
-    Renames official arguments (`OFFICIAL_NAMES`), counts `num_classes` without the null class when the config
-    is official (the official count includes it; -1 there means unconditional), and sets the official attention
-    unless `attention_type` is given: softmax everywhere, or with CogAttn's `np=True` Cog in every block but
-    the first in-block and the last out-block.
-    """
-    config = dict(config)
-    is_official = "np" in config or any(key in config for key in OFFICIAL_NAMES)
-    cog = bool(config.pop("np", False))
-    for old, new in OFFICIAL_NAMES.items():
-        if old in config:
-            config[new] = config.pop(old)
-    for key in OFFICIAL_IGNORED:
-        config.pop(key, None)
-    if is_official and "num_classes" in config:
-        config["num_classes"] = max(int(config["num_classes"]) - 1, 0)
-    if "attention_type" not in config:
-        config["attention_type"] = "cog" if cog else "softmax"
-        config.setdefault("softmax_layers", "first_last" if cog else "all")
-    return config
-
-
-def num_parameters(model: nn.Module) -> int:
-    """The number of parameters, as the official U-ViT reports it."""
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [
     "UViTModel", "UViTModelOutput", "PRESETS", "CONDITION_TOKENS", "timestep_embedding", "resolve_attention_types",
-    "official_kwargs", "num_parameters",
 ]

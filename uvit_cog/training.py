@@ -24,9 +24,9 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .conditioning import Condition, drop_condition
+from .conditioning import Condition, condition_field, drop_condition
 from .data import caption_source, evenly_spaced, is_captioned, sample_latents
-from .schedule import Objective
+from .objectives import Objective
 
 TextEncode = Callable[[list[str]], Tensor]  # captions -> features (N, L, C), e.g. uvit_cog.text.encode_prompts
 
@@ -60,23 +60,19 @@ class GlobalBatchRandom:
 
 
 def batch_condition(batch: Mapping[str, Any], kind: str, encode_text: TextEncode | None = None) -> Condition:
-    """The condition fields (`uvit_cog.conditioning`) a model of condition `kind` takes, from a batch of items:
+    """The condition field (`uvit_cog.conditioning.FIELDS`) a model of condition `kind` takes, from a batch of items:
     its class labels, its text features, or its captions encoded by `encode_text`; nothing when unconditional
     (labels of labelled data are then ignored)."""
-    if kind == "none":
+    field = condition_field(kind)
+    if field is None:
         return {}
-    if kind == "class":
-        if "class_labels" not in batch:
-            raise ValueError("a class-conditional model needs labelled data (items without class_labels)")
-        return {"class_labels": batch["class_labels"]}
-    if kind == "text":
-        if "encoder_hidden_states" in batch:
-            return {"encoder_hidden_states": batch["encoder_hidden_states"]}
-        if "caption" in batch and encode_text is not None:
-            return {"encoder_hidden_states": encode_text(list(batch["caption"]))}
-        raise ValueError("a text-conditional model needs captioned data: items with a caption (and a text encoder) "
-                         "or extracted text features")
-    raise ValueError(f"unknown condition kind {kind!r}")
+    if field in batch:
+        return {field: batch[field]}
+    if kind == "text" and "caption" in batch and encode_text is not None:
+        return {field: encode_text(list(batch["caption"]))}
+    raise ValueError(f"a {kind}-conditional model needs items with {field!r}" + (
+        ": captioned data (a caption per item, with a text encoder) or extracted text features" if kind == "text"
+        else ": labelled data"))
 
 
 def prepare_batch(
