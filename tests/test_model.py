@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from uvit_cog import UViTModel
+from uvit_cog.model import PRESETS
 
 # Two copies of the same weights (a saved and a loaded model) run the same arithmetic, but the BLAS may split a
 # product differently for differently aligned buffers under several threads: they agree to float32 rounding, seen
 # up to 3e-8 here; a wrong weight, kind or config moves outputs by orders of magnitude more.
 SAME = dict(rtol=0, atol=1e-6)
-from uvit_cog.model import PRESETS
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
