@@ -168,3 +168,28 @@ def test_caption_dropout_swaps_in_the_null_features():
     assert torch.equal(again["encoder_hidden_states"], condition["encoder_hidden_states"])
     keep = drop_condition({"encoder_hidden_states": features}, torch.zeros(64, dtype=torch.bool), null)
     assert torch.equal(keep["encoder_hidden_states"], features)
+
+
+def test_a_metadata_jsonl_folder_extracts_with_every_caption(assets, tmp_path):
+    folder = make_captioned_folder(tmp_path / "folder")
+    out = extract.extract_latents(folder.root, tmp_path / "latents", **{**assets["kwargs"], "captions": "folder"})
+    data = LatentDataset(out)
+    assert data.has_text and data.meta["captions"] == "folder" and data.meta["split"] is None
+    assert [data.captions(i) for i in range(len(data))] == [captions for _, captions in folder.items]
+
+
+@pytest.mark.parametrize("name,count,cog", [("mscoco_uvit_s2", 44_692_644, False),
+                                            ("mscoco_uvit_s2_deep", 58_345_636, False),
+                                            ("mscoco_uvic_s2", 44_692_644, True)])
+def test_mscoco_recipes_build_the_official_models(name, count, cog):
+    cfg = train_config(f"experiment={name}", "data.root=/data/coco256_train")
+    with torch.device("meta"):
+        model = train_script.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert model.config.text_dim == 768 and model.config.num_text_tokens == 77 and model.config.timestep_offset == 1
+    kinds = model.attention_types
+    assert (kinds[0], kinds[-1]) == ("softmax", "softmax") and set(kinds[1:-1]) == ({"cog"} if cog else {"softmax"})
+    t, o = cfg.train, cfg.optim
+    assert (t.batch_size, t.ema_decay, t.condition_dropout, t.mixed_precision) == (256, 0.9999, 0.1, "fp16")
+    assert (o.lr, o.weight_decay, list(o.betas), o.warmup_steps) == (2e-4, 0.03, [0.9, 0.9], 5000)
+    assert (cfg.data.scale_factor, cfg.diffusion.schedule, cfg.sample.guidance) == (0.2301, "scaled_linear", 2.0)
