@@ -2,7 +2,7 @@
 
     python sample.py model=runs/cifar10 mode=grid scheduler=dpm_solver steps=25
     accelerate launch sample.py model=runs/cifar10 mode=fid num_samples=50000 npz=true
-    python sample.py model=runs/quickstart_t2i prompt="the digit four"              # text-to-image: a prompt,
+    python sample.py model=runs/quickstart_t2i prompt="four handwritten"              # text-to-image: a prompt,
     python sample.py model=converted/mscoco_uvic_small prompt="[a red bus,two cats]" guidance=2 # a list,
     python sample.py model=PATH prompts_file=prompts.txt                           # or a file, one a line
     accelerate launch sample.py model=PATH mode=fid prompts_file=mscoco_fid/prompts.txt num_samples=30000

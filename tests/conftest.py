@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -135,6 +136,23 @@ def load_entry_point(name: str) -> ModuleType:
 
 
 train_script = load_entry_point("train")
+
+
+def load_sample_script() -> ModuleType:
+    """sample.py, freshly executed (which also registers conf/sample.yaml with Hydra's config store)."""
+    return load_entry_point("sample")
+
+
+def sample_config(*overrides: str) -> DictConfig:
+    """sample.py's Hydra config with `overrides`, as `python sample.py key=value ...` would compose it."""
+    load_sample_script()
+    with initialize(config_path=None, version_base=None):
+        return compose("sample", overrides=list(overrides))
+
+
+def read_pngs(folder: Path, n: int) -> np.ndarray:
+    """Images 000000.png … of a sample set, stacked."""
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(n)])
 
 
 def train_config(*overrides: str):

@@ -12,10 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, load_entry_point, tiny_pipeline, train_config, train_script
+from conftest import (
+    ROOT,
+    TINY,
+    load_entry_point,
+    load_sample_script,
+    sample_config,
+    tiny_pipeline,
+    train_config,
+    train_script,
+)
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from test_sample import load_sample_script, sample_config
 
 from uvit_cog import UViTModel, UViTPipeline
 from uvit_cog.checkpoints import TRAIN_STATE, write_manifest

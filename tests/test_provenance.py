@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, tiny_pipeline, train_config, train_script
+from conftest import ROOT, TINY, load_sample_script, read_pngs, sample_config, tiny_pipeline, train_config, train_script
 from omegaconf import OmegaConf
-from test_sample import load_sample_script, read_pngs, sample_config
 
 from train_setup import DEFINES_TRAINING, MAY_CHANGE_ON_RESUME, covered
 from uvit_cog import sampling

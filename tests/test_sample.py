@@ -1,6 +1,5 @@
 """Sample sets and grids (uvit_cog.sampling) and the sample.py entry point: determinism, resume, sharding, CLI."""
 
-import importlib.util
 import os
 import runpy
 import shutil
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_pipeline
-from hydra import compose, initialize
+from conftest import ROOT, load_sample_script, read_pngs, sample_config, tiny_pipeline
 from PIL import Image
 
 from uvit_cog import load_pipeline, sampling
@@ -26,13 +24,8 @@ from uvit_cog.sampling import (
     sample_grid,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
 SAMPLER = dict(num_inference_steps=2, guidance_scale=1.5, scheduler="ddpm")  # stochastic steps on purpose
-
-
-def read_pngs(folder: Path, n: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(n)])
 
 
 def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
@@ -184,19 +177,6 @@ def test_generate_samples_bad_inputs(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_samples(tiny_pipeline(), tmp_path / "out", **{"num_samples": 2, **kwargs})
     assert not (tmp_path / "out").exists()
-
-
-def load_sample_script():
-    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # also registers conf/sample.yaml with Hydra
-    return module
-
-
-def sample_config(*overrides: str):
-    load_sample_script()
-    with initialize(config_path=None, version_base=None):
-        return compose("sample", overrides=list(overrides))
 
 
 def test_sample_py_grid_from_command_line(tmp_path, saved, monkeypatch):

@@ -9,9 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script, make_coco_fixture, save_tiny_clip, tiny_t2i_pipeline
+from conftest import (
+    ROOT,
+    load_sample_script,
+    load_script,
+    make_coco_fixture,
+    sample_config,
+    save_tiny_clip,
+    tiny_t2i_pipeline,
+)
 from PIL import Image
-from test_sample import load_sample_script, sample_config
 
 from uvit_cog import load_pipeline
 from uvit_cog.captions import coco_items, fid_prompts
