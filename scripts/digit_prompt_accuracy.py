@@ -71,17 +71,16 @@ def main() -> None:
     pipe = load_pipeline(args.run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     text = hasattr(pipe, "encode_prompt")
-    rows = []
+    accuracies = []
     for i, (condition, digit) in enumerate(conditions(args.run, text)):
         given = {"prompt": [condition] * args.per_prompt} if text else {"class_labels": [condition] * args.per_prompt}
         images = pipe(**given, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
                       generator=torch.Generator().manual_seed(args.seed + i)).images
-        correct = float((read_digits(classifier, np.asarray(images)) == digit).mean())
-        rows.append({"condition": condition, "digit": digit, "accuracy": correct})
-        print(f"{correct:6.1%}  {condition!r}", flush=True)
-    accuracy = float(np.mean([r["accuracy"] for r in rows]))
-    print(f"digit accuracy {accuracy:.1%} over {len(rows)} {'prompts' if text else 'classes'} × {args.per_prompt} "
-          f"(chance 10 %; the classifier reads {ceiling:.1%} of held-out real digits)")
+        accuracies.append(float((read_digits(classifier, np.asarray(images)) == digit).mean()))
+        print(f"{accuracies[-1]:6.1%}  {condition!r}", flush=True)
+    accuracy = float(np.mean(accuracies))
+    print(f"digit accuracy {accuracy:.1%} over {len(accuracies)} {'prompts' if text else 'classes'} "
+          f"× {args.per_prompt} (chance 10 %; the classifier reads {ceiling:.1%} of held-out real digits)")
     print(json.dumps({"accuracy": accuracy, "classifier_heldout_accuracy": ceiling, "guidance": args.guidance,
                       "steps": args.steps, "per_prompt": args.per_prompt}))
 
